@@ -16,6 +16,7 @@ import numpy as np
 from model.lungs import split_right_left
 
 SPLIT_FILE = Path(__file__).parent / "split.csv"
+SUPERSAMPLE = 4  # polygon rasterisation grid per pixel
 IGNORE = 127  # V7 mask value for pacemakers, markup: excluded from losses and metrics
 # Extent score per lung 0-4 (none, <25, 25-50, 50-75, >75 % involved) -> fraction at the bin middle.
 EXTENT_FRACTIONS = np.array([0.0, 0.125, 0.375, 0.625, 0.875])
@@ -90,13 +91,14 @@ def read_gray(path: Path) -> np.ndarray:
     return image
 
 
-def to_unit_range(gray: np.ndarray) -> np.ndarray:
-    """Stretch the 0.5-99.5 percentile range to [0, 1]: same for 8-bit photos and 15-bit DICOM."""
+def normalize_gray(gray: np.ndarray) -> np.ndarray:
+    """Any bit depth -> uint8 with the 0.5-99.5 percentile range stretched to 0-255, so 8-bit photos
+    and 15-bit DICOM reach the models alike. Training and inference both use it."""
     gray = gray.astype(np.float32)
     low, high = np.percentile(gray, (0.5, 99.5))
     if high <= low:
-        return np.zeros_like(gray)
-    return np.clip((gray - low) / (high - low), 0, 1)
+        return np.zeros(gray.shape, np.uint8)
+    return np.round(np.clip((gray - low) / (high - low), 0, 1) * 255).astype(np.uint8)
 
 
 def read_lung_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -106,21 +108,28 @@ def read_lung_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rasterize_labelme(path: Path, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """labelme JSON -> {'right_lung', 'left_lung', 'opacity'} boolean masks at `shape`.
+    """labelme JSON file -> {'right_lung', 'left_lung', 'opacity'} boolean masks at `shape`."""
+    return rasterize_labelme_doc(json.loads(Path(path).read_text()), shape)
 
-    Points are scaled when the image was resized after annotation (imageHeight/Width differ).
-    """
-    doc = json.loads(Path(path).read_text())
+
+def rasterize_labelme_doc(doc: dict, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Parsed labelme document -> masks; points are scaled when the image was resized after
+    annotation (imageHeight/Width differ from `shape`)."""
     sy, sx = shape[0] / doc["imageHeight"], shape[1] / doc["imageWidth"]
-    masks = {name: np.zeros(shape, np.uint8) for name in ("right_lung", "left_lung", "opacity")}
+    height, width = shape
+    fine = {name: np.zeros((height * SUPERSAMPLE, width * SUPERSAMPLE), np.uint8)
+            for name in ("right_lung", "left_lung", "opacity")}
     for shape_doc in doc["shapes"]:
-        if shape_doc["label"] not in masks or shape_doc.get("shape_type", "polygon") != "polygon":
+        if shape_doc["label"] not in fine or shape_doc.get("shape_type", "polygon") != "polygon":
             continue
-        points = np.array(shape_doc["points"], np.float64) * (sx, sy)
-        # 8 sub-pixel bits: polygon edges land where the annotator put them, not rounded to pixels.
-        cv2.fillPoly(masks[shape_doc["label"]], [np.round(points * 256).astype(np.int32)], 1,
-                     lineType=cv2.LINE_8, shift=8)
-    return {name: mask.astype(bool) for name, mask in masks.items()}
+        # labelme points are continuous (pixel i spans [i, i+1)); fillPoly puts integers at pixel
+        # centres, hence the half-pixel shift. Filling at 4x then averaging removes the bias of
+        # fillPoly counting every pixel an edge touches.
+        points = (np.array(shape_doc["points"], np.float64) * (sx, sy) * SUPERSAMPLE - 0.5) * 16
+        cv2.fillPoly(fine[shape_doc["label"]], [np.round(points).astype(np.int32)], 255, shift=4)
+    masks = {name: cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA) >= 128
+             for name, mask in fine.items()}
+    return masks
 
 
 def make_split(records: list[Record], seed: int = 20201, fractions=(0.7, 0.15, 0.15)) -> dict[str, str]:

@@ -11,8 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 import segmentation_models as sm  # noqa: E402
 
-LUNG_SIZE = 256      # whole image; lungs are large, and 256 keeps training feasible on 2 cores
-OPACITY_SIZE = 320   # lung crop, the paper's input size
+from model.infer import LUNG_SIZE, OPACITY_SIZE  # noqa: E402,F401  (one source for both sides)
 LUNG_CHANNELS = ("right_lung", "left_lung")
 OPACITY_CHANNELS = ("opacity",)
 

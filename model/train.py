@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from model import network
 from model.augment import build_augmentation, maybe_flip
-from model.data import (Record, load_records, read_gray, read_lung_labels, read_split,
+from model.data import (Record, load_records, normalize_gray, read_gray, read_lung_labels, read_split,
                         rasterize_labelme)
 from model.lungs import crop_box, zone_map
 
@@ -86,7 +86,7 @@ def lung_samples(records: list[Record], size: int) -> Samples:
     """Whole image -> label map (0 background, 1 right, 2 left, 255 ignore)."""
     samples = Samples()
     for record in tqdm(records, desc="lung samples", leave=False):
-        image = read_gray(record.image_path)
+        image = normalize_gray(read_gray(record.image_path))
         labels, ignore = read_lung_labels(record.lung_mask_path)
         labels[ignore] = IGNORE_LABEL
         samples.images.append(_resize(image, size, False))
@@ -113,7 +113,7 @@ def opacity_samples(records: list[Record], size: int, use_polygons=True, use_zon
         extent = use_extent and record.extent is not None and not polygons
         if not (polygons or zones or extent):
             continue
-        image = read_gray(record.image_path)
+        image = normalize_gray(read_gray(record.image_path))
         labels, ignore = read_lung_labels(record.lung_mask_path)
         lung = labels > 0
         target = np.zeros(image.shape, np.uint8)
@@ -205,7 +205,8 @@ class Trainer:
 def fit(trainer: Trainer, train: Samples, val: Samples | None, make_targets, epochs: int, out_dir: Path,
         flip_lut=None, batch_size=8, desc="train"):
     """Train for `epochs`, checkpointing each epoch in out_dir and resuming from the last one.
-    Keeps the weights with the lowest validation loss in out_dir/best.h5 (last epoch if no val)."""
+    Keeps the weights with the lowest validation loss in out_dir/best.h5; without a validation set,
+    the last epoch's (a fixed schedule, nothing selected)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     epoch = tf.Variable(0, dtype=tf.int64)
     best = tf.Variable(np.inf, dtype=tf.float64)
@@ -231,7 +232,7 @@ def fit(trainer: Trainer, train: Samples, val: Samples | None, make_targets, epo
         val_loss = trainer.validation_loss(val, make_targets) if val is not None and len(val) else np.mean(losses)
         history.append({"epoch": current, "train_loss": float(np.mean(losses)), "val_loss": float(val_loss)})
         print(f"{desc} epoch {current}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}", flush=True)
-        if val_loss < best.numpy():
+        if val is None or val_loss < best.numpy():
             best.assign(val_loss)
             trainer.model.save_weights(str(out_dir / "best.h5"))
         epoch.assign(current)
@@ -254,13 +255,144 @@ def split_records(records, split):
     return by_split
 
 
-def train_lungs(data_dir: Path, out_dir: Path, epochs: int):
+def train_lungs(data_dir: Path, out_dir: Path, epochs: int, size: int = network.LUNG_SIZE):
     """Stage 1: right and left lung on the whole image (V7 masks: retrocardiac lung included)."""
     setup()
     parts = split_records([r for r in load_records(data_dir) if r.lung_mask_path], read_split())
-    train, val = (lung_samples(parts[name], network.LUNG_SIZE) for name in ("train", "val"))
-    model = network.build_unet(network.LUNG_SIZE, len(network.LUNG_CHANNELS))
+    train, val = (lung_samples(parts[name], size) for name in ("train", "val"))
+    model = network.build_unet(size, len(network.LUNG_CHANNELS))
     schedule = tf.keras.optimizers.schedules.CosineDecay(1e-3, epochs * (len(train) // 8), alpha=0.05)
     trainer = Trainer(model, lung_loss, schedule)
     fit(trainer, train, val, lung_batch, epochs, out_dir / "lungs", flip_lut=SWAP_RIGHT_LEFT, desc="lungs")
     return model
+
+
+def keras_runner(model):
+    return lambda batch: np.asarray(model(batch, training=False))
+
+
+def keras_pipeline(lung_model, opacity_model):
+    from model.infer import Pipeline
+
+    return Pipeline(keras_runner(lung_model), keras_runner(opacity_model),
+                    lung_size=lung_model.input_shape[1], opacity_size=opacity_model.input_shape[1])
+
+
+def polygon_folds(records, folds=3) -> list[list[Record]]:
+    """Images with opacity polygons, grouped by patient into `folds` seeded folds."""
+    patients = sorted({r.patient for r in records if r.labelme_path})
+    order = np.random.default_rng(SEED).permutation(len(patients))
+    fold_of = {patients[i]: k % folds for k, i in enumerate(order)}
+    return [[r for r in records if r.labelme_path and fold_of[r.patient] == k] for k in range(folds)]
+
+
+def fine_tune(model, polygons: Samples, weak: Samples, epochs: int, out_dir: Path, desc: str):
+    """Fine-tune on polygon images (each shown 4x per epoch) mixed with as many weak-label images,
+    for a fixed number of epochs: nothing here is selected on held-out data."""
+    rng = np.random.default_rng(SEED)
+    repeated = polygons + polygons + polygons + polygons
+    mixed = repeated + weak.subset(rng.permutation(len(weak)) < len(repeated)) if len(weak) else repeated
+    trainer = Trainer(model, opacity_loss, 3e-4)
+    fit(trainer, mixed, None, opacity_batch, epochs, out_dir, desc=desc)
+    return model
+
+
+def train_opacity(data_dir: Path, out_dir: Path, lung_model, epochs: int, fine_tune_epochs: int,
+                  size: int = network.OPACITY_SIZE):
+    """Stage 2: opacity in the 320x320 lung crop.
+
+    1. weak: extent fractions and Brixia zero-zones on train patients, starting from the lung model's
+       weights; patients with opacity polygons are kept out, so every polygon image stays unseen.
+    2. cross-validation by patient over the polygon images: fine-tune the weak model on the other
+       folds' polygons, predict the held-out fold (and the same with polygons only, for the ablation).
+    3. final: fine-tune the weak model on all polygon images; this is the shipped model.
+    Returns {variant: {filename: Segmentation}} for every polygon image, each predicted by a model
+    that never saw its polygons.
+    """
+    setup()
+    records = [r for r in load_records(data_dir) if r.lung_mask_path]
+    polygon_patients = {r.patient for r in records if r.labelme_path}
+    parts = split_records([r for r in records if r.patient not in polygon_patients], read_split())
+    weak_train = opacity_samples(parts["train"], size, use_polygons=False)
+    weak_val = opacity_samples(parts["val"], size, use_polygons=False)
+
+    def fresh_from_lungs():
+        model = network.build_unet(size, len(network.OPACITY_CHANNELS))
+        network.copy_matching_weights(lung_model, model)
+        return model
+
+    weak_model = fresh_from_lungs()
+    schedule = tf.keras.optimizers.schedules.CosineDecay(1e-3, epochs * (len(weak_train) // 8), alpha=0.05)
+    fit(Trainer(weak_model, opacity_loss, schedule), weak_train, weak_val, opacity_batch, epochs,
+        out_dir / "opacity-weak", desc="opacity weak")
+    weak_path = out_dir / "opacity-weak" / "best.h5"
+
+    held_out = {"weak labels only": {}, "polygons only (CV)": {}, "weak labels + polygons (CV)": {}}
+    folds = polygon_folds(records)
+    for k, fold in enumerate(folds):
+        others = [r for j, f in enumerate(folds) if j != k for r in f]
+        polygons = opacity_samples(others, size)
+        for variant, start_from_weak in (("weak labels + polygons (CV)", True), ("polygons only (CV)", False)):
+            model = fresh_from_lungs()
+            if start_from_weak:
+                model.load_weights(str(weak_path))
+            tag = "cv-weak+poly" if start_from_weak else "cv-poly"
+            fine_tune(model, polygons, weak_train if start_from_weak else Samples(), fine_tune_epochs,
+                      out_dir / f"{tag}-fold{k}", desc=f"{tag} fold {k}")
+            pipeline = keras_pipeline(lung_model, model)
+            for record in fold:
+                held_out[variant][record.filename] = pipeline.segment(read_gray(record.image_path))
+    weak_model.load_weights(str(weak_path))
+    weak_pipeline = keras_pipeline(lung_model, weak_model)
+    for record in (r for fold in folds for r in fold):
+        held_out["weak labels only"][record.filename] = weak_pipeline.segment(read_gray(record.image_path))
+
+    final = fresh_from_lungs()
+    final.load_weights(str(weak_path))
+    all_polygons = opacity_samples([r for f in folds for r in f], size)
+    fine_tune(final, all_polygons, weak_train, fine_tune_epochs, out_dir / "opacity-final", desc="opacity final")
+    return final, held_out
+
+
+MODEL_VERSION = "1.0.0"
+
+
+def run(data_dir: Path, out_dir: Path, lung_epochs: int = 16, opacity_epochs: int = 15,
+        fine_tune_epochs: int = 4, lung_size: int = network.LUNG_SIZE,
+        opacity_size: int = network.OPACITY_SIZE) -> Path:
+    """Every stage, the ablation on held-out polygon images, and ONNX export to out_dir/weights."""
+    from model.evaluate import score_image, summarize
+    from model.export import export_onnx, round_weights_to_float16, write_manifest
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    lung_model = train_lungs(data_dir, out_dir, lung_epochs, lung_size)
+    opacity_model, held_out = train_opacity(data_dir, out_dir, lung_model, opacity_epochs, fine_tune_epochs,
+                                                 opacity_size)
+
+    records = {r.filename: r for r in load_records(data_dir)}
+    ablation = {variant: summarize([score_image(records[name], seg) for name, seg in segs.items()])
+                for variant, segs in held_out.items()}
+    (out_dir / "ablation.json").write_text(json.dumps(ablation, indent=1))
+    print(ablation_table(ablation))
+
+    weights = out_dir / "weights"
+    for model, name in ((lung_model, "lungs.onnx"), (opacity_model, "opacity.onnx")):
+        round_weights_to_float16(model)
+        export_onnx(model, weights / name)
+    write_manifest(weights, MODEL_VERSION, {"lung_input": lung_size, "opacity_input": opacity_size,
+                                            "seed": SEED, "lung_epochs": lung_epochs, "opacity_epochs": opacity_epochs,
+                                            "fine_tune_epochs": fine_tune_epochs})
+    print(f"weights written to {weights}; copy them to model/weights/ to ship them")
+    return weights
+
+
+def ablation_table(ablation: dict) -> str:
+    """Markdown table: what each source of opacity supervision gives on unseen polygon images."""
+    lines = ["| supervision | images | IoU mean | IoU mean (with opacity) | IoU pooled | Dice pooled | opacity % MAE |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for variant, m in ablation.items():
+        o = m.get("opacity_vs_polygons", {})
+        lines.append(f"| {variant} | {o.get('n', 0)} | {fmt(o.get('iou_mean'))} | {fmt(o.get('iou_mean_nonempty'))} | "
+                     f"{fmt(o.get('iou_pooled'))} | {fmt(o.get('dice_pooled'))} | {fmt(o.get('opacity_pct_mae'))} |")
+    return "\n".join(lines)

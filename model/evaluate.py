@@ -1,0 +1,185 @@
+"""`cxr-node evaluate`: the shipped pipeline on any folder laid out like ../shared/data/cxr.
+
+Whatever annotations the folder has are used: V7 lung masks (lung Dice), labelme polygons (opacity
+IoU/Dice and opacity % error), extent and Brixia scores (correlation), outcomes (ROC AUC).
+Writes metrics.json, per_image.csv, ROC and scatter PNGs and overlay PNGs; prints a table.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from model.data import IGNORE, Record, load_records, read_gray, read_split, rasterize_labelme
+from model.infer import Pipeline, Segmentation
+from model.lungs import LEFT, RIGHT
+from model.metrics import correlation, dice, overlap, roc_auc, segmentation_summary
+
+OVERLAY_SIZE = 640
+
+
+def score_image(record: Record, seg: Segmentation) -> dict:
+    """One image's figures against every annotation it has (no masks kept)."""
+    row = {"filename": record.filename, "patient": record.patient, "opacity_pct": seg.opacity_pct,
+           "extent": record.extent, "brixia_global": record.brixia_global,
+           "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", "")}
+    if record.lung_mask_path:
+        mask = cv2.imread(str(record.lung_mask_path), cv2.IMREAD_GRAYSCALE)
+        from model.lungs import split_right_left
+        truth, valid = split_right_left(mask == 255), mask != IGNORE
+        row["lung_dice"] = dice(overlap(seg.lungs > 0, truth > 0, valid))
+        row["right_lung_dice"] = dice(overlap(seg.lungs == RIGHT, truth == RIGHT, valid))
+        row["left_lung_dice"] = dice(overlap(seg.lungs == LEFT, truth == LEFT, valid))
+    if record.labelme_path:
+        polygons = rasterize_labelme(record.labelme_path, seg.lungs.shape)
+        lungs = polygons["right_lung"] | polygons["left_lung"]
+        row["opacity_counts"] = overlap(seg.opacity, polygons["opacity"])
+        row["labelme_opacity_pct"] = 100.0 * (polygons["opacity"] & lungs).sum() / max(1, lungs.sum())
+        row["opacity_pct_abs_error"] = abs(seg.opacity_pct - row["labelme_opacity_pct"])
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Metrics over scored images (see model/metrics.py for the definitions)."""
+    metrics = {"images": len(rows)}
+    lung = [r for r in rows if "lung_dice" in r]
+    if lung:
+        metrics["lung_dice"] = {k: float(np.mean([r[k] for r in lung]))
+                                for k in ("lung_dice", "right_lung_dice", "left_lung_dice")}
+        metrics["lung_dice"]["n"] = len(lung)
+    polygon = [r for r in rows if "opacity_counts" in r]
+    if polygon:
+        metrics["opacity_vs_polygons"] = segmentation_summary([r["opacity_counts"] for r in polygon])
+        metrics["opacity_vs_polygons"]["opacity_pct_mae"] = float(np.mean([r["opacity_pct_abs_error"] for r in polygon]))
+    for score in ("extent", "brixia_global"):
+        paired = [r for r in rows if r[score] is not None]
+        if paired:
+            metrics[f"opacity_pct_vs_{score}"] = correlation([r["opacity_pct"] for r in paired],
+                                                             [r[score] for r in paired])
+    metrics.update(outcome_aucs(rows))
+    return metrics
+
+
+def outcome_aucs(rows: list[dict]) -> dict:
+    """Per patient (score = the patient's highest opacity % over their images): ROC AUC for ICU
+    admission (went_icu = Y) and death (survival = N); the extent score's own AUC beside it."""
+    result = {}
+    for outcome, column, positive in (("icu", "went_icu", "Y"), ("mortality", "survival", "N")):
+        patients = {}
+        for r in rows:
+            if r[column] in ("Y", "N"):
+                entry = patients.setdefault(r["patient"], {"pct": [], "extent": [], "positive": False})
+                entry["pct"].append(r["opacity_pct"])
+                entry["positive"] |= r[column] == positive
+                if r["extent"] is not None:
+                    entry["extent"].append(r["extent"])
+        result[f"auc_{outcome}_opacity_pct"] = roc_auc([max(p["pct"]) for p in patients.values()],
+                                                       [p["positive"] for p in patients.values()])
+        with_extent = [p for p in patients.values() if p["extent"]]
+        result[f"auc_{outcome}_extent_score"] = roc_auc([max(p["extent"]) for p in with_extent],
+                                                        [p["positive"] for p in with_extent])
+    return result
+
+
+def overlay(gray: np.ndarray, seg: Segmentation, truth_opacity: np.ndarray | None = None) -> np.ndarray:
+    """Image with lung outlines (green right, blue left), predicted opacity (red fill) and the
+    annotators' opacity outline (yellow), downscaled to OVERLAY_SIZE on the long side."""
+    from model.data import normalize_gray
+
+    scale = OVERLAY_SIZE / max(gray.shape)
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    small = lambda m: cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)  # noqa: E731
+    image = cv2.cvtColor(cv2.resize(normalize_gray(gray), size, interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+    red = image.copy()
+    red[small(seg.opacity) > 0] = (0, 0, 255)
+    image = cv2.addWeighted(image, 0.6, red, 0.4, 0)
+    for mask, colour in ((seg.lungs == RIGHT, (0, 200, 0)), (seg.lungs == LEFT, (255, 128, 0)),
+                         (truth_opacity, (0, 255, 255))):
+        if mask is not None:
+            contours, _ = cv2.findContours(small(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(image, contours, -1, colour, 2)
+    cv2.putText(image, f"opacity {seg.opacity_pct:.1f}%", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+    return image
+
+
+def plot_curves(metrics: dict, rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for outcome, title in (("icu", "ICU admission"), ("mortality", "Mortality")):
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for key, label in ((f"auc_{outcome}_opacity_pct", "opacity %"), (f"auc_{outcome}_extent_score", "extent score")):
+            roc = metrics.get(key, {})
+            if roc.get("auc") is not None:
+                ax.plot(roc["fpr"], roc["tpr"], label=f"{label}: AUC {roc['auc']:.3f} (n={roc['n']})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{title}, per patient")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout(); fig.savefig(out_dir / f"roc_{outcome}.png", dpi=120); plt.close(fig)
+    for score, label in (("extent", "geographic extent score (0-8)"), ("brixia_global", "Brixia global score (0-18)")):
+        paired = [r for r in rows if r[score] is not None]
+        if paired:
+            fig, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.scatter([r[score] for r in paired], [r["opacity_pct"] for r in paired], s=12)
+            stats = metrics[f"opacity_pct_vs_{score}"]
+            r2 = f"r^2 {stats['r2']:.2f}" if stats["r2"] is not None else "r^2 n/a"
+            ax.set(xlabel=label, ylabel="predicted opacity %", title=f"{r2}, n={stats['n']}")
+            fig.tight_layout(); fig.savefig(out_dir / f"scatter_{score}.png", dpi=120); plt.close(fig)
+
+
+def print_table(metrics: dict) -> None:
+    lines = [f"images evaluated: {metrics['images']}"]
+    if "lung_dice" in metrics:
+        d = metrics["lung_dice"]
+        lines.append(f"lung Dice (n={d['n']}): both {d['lung_dice']:.4f}  right {d['right_lung_dice']:.4f}  left {d['left_lung_dice']:.4f}")
+    if "opacity_vs_polygons" in metrics:
+        o = metrics["opacity_vs_polygons"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"opacity vs polygons (n={o['n']}, {o['n_nonempty_truth']} with opacity): "
+                     f"IoU mean {fmt(o['iou_mean'])} / non-empty {fmt(o['iou_mean_nonempty'])} / pooled {fmt(o['iou_pooled'])}; "
+                     f"Dice mean {fmt(o['dice_mean'])} / pooled {fmt(o['dice_pooled'])}; opacity % MAE {o['opacity_pct_mae']:.2f}")
+    for score in ("extent", "brixia_global"):
+        c = metrics.get(f"opacity_pct_vs_{score}")
+        if c and c["r2"] is not None:
+            lines.append(f"opacity % vs {score} (n={c['n']}): r^2 {c['r2']:.3f}  Spearman {c['spearman_rho']:.3f}")
+    for outcome in ("icu", "mortality"):
+        for source in ("opacity_pct", "extent_score"):
+            roc = metrics.get(f"auc_{outcome}_{source}", {})
+            if roc.get("auc") is not None:
+                lines.append(f"AUC {outcome} by {source} (patients={roc['n']}, positive={roc['positives']}): {roc['auc']:.3f}")
+    print("\n".join(lines))
+
+
+def evaluate(data_dir: Path, out_dir: Path, pipeline: Pipeline, split: str = "all") -> dict:
+    """Run the pipeline over the folder (or one split of the project's own data) and score it."""
+    out_dir = Path(out_dir)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    records = load_records(data_dir)
+    if split != "all":
+        known = read_split()
+        records = [r for r in records if known.get(r.filename) == split]
+    rows = []
+    for record in tqdm(records, desc="evaluate"):
+        gray = read_gray(record.image_path)
+        seg = pipeline.segment(gray)
+        row = score_image(record, seg)
+        rows.append(row)
+        if record.labelme_path or row.get("lung_dice", 1.0) < 0.85:
+            truth = rasterize_labelme(record.labelme_path, gray.shape)["opacity"] if record.labelme_path else None
+            cv2.imwrite(str(out_dir / "overlays" / f"{Path(record.filename).stem}.png"), overlay(gray, seg, truth))
+    metrics = summarize(rows)
+    metrics.update({"split": split, "model_version": pipeline.version})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with open(out_dir / "per_image.csv", "w", newline="") as handle:
+        columns = ["filename", "patient", "opacity_pct", "lung_dice", "labelme_opacity_pct",
+                   "opacity_pct_abs_error", "extent", "brixia_global", "went_icu", "survival"]
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader(); writer.writerows(rows)
+    plot_curves(metrics, rows, out_dir)
+    print_table(metrics)
+    return metrics

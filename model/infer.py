@@ -1,0 +1,152 @@
+"""Inference: gray image -> lung and opacity masks and the opacity percentages.
+
+This is the model's whole interface to the rest of cxr-node. It runs on ONNX Runtime (no
+TensorFlow); training code passes Keras models through the same `Pipeline` for cross-validation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from model.data import normalize_gray
+from model.lungs import LEFT, RIGHT, ZONES, crop_box, split_right_left, zone_map
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+LUNG_SIZE = 256      # whole image; lungs are large, and 256 keeps training feasible on 2 cores
+OPACITY_SIZE = 320   # lung crop, the paper's input size
+THRESHOLD = 0.5
+
+# A batch of (n, size, size, 1) float32 images in [0, 1] -> (n, size, size, channels) probabilities.
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Segmentation:
+    """Masks at the input image's own size and the figures derived from them."""
+    lungs: np.ndarray            # uint8 label map: 0 background, 1 right lung, 2 left lung
+    opacity: np.ndarray          # bool, always inside the lungs
+    lung_confidence: float       # mean lung probability over predicted lung pixels (0..1)
+    zone_opacity_pct: dict = field(default_factory=dict)  # Brixia zone letter -> opacity % of that zone
+
+    @property
+    def lung_area_px(self) -> int:
+        return int((self.lungs > 0).sum())
+
+    @property
+    def opacity_area_px(self) -> int:
+        return int(self.opacity.sum())
+
+    def opacity_pct_of(self, region: np.ndarray) -> float:
+        """Opacity area / lung area in `region`, in percent (0 when the region is empty)."""
+        area = int(region.sum())
+        return 100.0 * int((self.opacity & region).sum()) / area if area else 0.0
+
+    @property
+    def opacity_pct(self) -> float:
+        return self.opacity_pct_of(self.lungs > 0)
+
+    @property
+    def right_opacity_pct(self) -> float:
+        return self.opacity_pct_of(self.lungs == RIGHT)
+
+    @property
+    def left_opacity_pct(self) -> float:
+        return self.opacity_pct_of(self.lungs == LEFT)
+
+
+def _largest_components(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component: stray specks are not lung."""
+    count, components, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8))
+    if count <= 1:
+        return mask.astype(bool)
+    return components == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+class Pipeline:
+    """Lungs on the whole image -> crop to the lungs' box -> opacity in the crop, kept inside the lungs."""
+
+    def __init__(self, lung_runner: Runner, opacity_runner: Runner, version: str = "unversioned",
+                 lung_size: int = LUNG_SIZE, opacity_size: int = OPACITY_SIZE):
+        self.lung_runner, self.opacity_runner, self.version = lung_runner, opacity_runner, version
+        self.lung_size, self.opacity_size = lung_size, opacity_size
+
+    def lungs(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """uint8 gray image -> (label map at the image's size, mean lung confidence)."""
+        height, width = image.shape
+        small = cv2.resize(image, (self.lung_size, self.lung_size), interpolation=cv2.INTER_AREA)
+        prob = self.lung_runner(small[None, ..., None].astype(np.float32) / 255.0)[0]
+        prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+        lung_prob = prob.max(axis=-1)
+        right = _largest_components((prob[..., 0] >= THRESHOLD) & (prob[..., 0] >= prob[..., 1]))
+        left = _largest_components((prob[..., 1] >= THRESHOLD) & (prob[..., 1] > prob[..., 0]))
+        labels = np.zeros(image.shape, np.uint8)
+        labels[right], labels[left] = RIGHT, LEFT
+        # A network can swap sides on an odd crop; anatomy (image position) decides the labels.
+        labels = split_right_left(labels > 0) if right.any() and left.any() else labels
+        confidence = float(lung_prob[labels > 0].mean()) if labels.any() else 0.0
+        return labels, confidence
+
+    def opacity_probability(self, image: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+        """Opacity probability at the image's size (0 outside the lung crop)."""
+        y0, y1, x0, x1 = crop_box(lungs > 0)
+        crop = cv2.resize(image[y0:y1, x0:x1], (self.opacity_size, self.opacity_size), interpolation=cv2.INTER_AREA)
+        prob = self.opacity_runner(crop[None, ..., None].astype(np.float32) / 255.0)[0, ..., 0]
+        full = np.zeros(image.shape, np.float32)
+        full[y0:y1, x0:x1] = cv2.resize(prob, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        return full
+
+    def segment(self, gray: np.ndarray) -> Segmentation:
+        """Gray image of any bit depth (MONOCHROME2 orientation: air is dark) -> Segmentation."""
+        image = normalize_gray(gray)
+        lungs, confidence = self.lungs(image)
+        opacity = (self.opacity_probability(image, lungs) >= THRESHOLD) & (lungs > 0)
+        result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence)
+        zones = zone_map(lungs)
+        result.zone_opacity_pct = {letter: result.opacity_pct_of(zones == index)
+                                   for index, letter in enumerate(ZONES, start=1)}
+        return result
+
+
+@dataclass
+class ModelInfo:
+    """Identity of the shipped weights: written into DICOM outputs as the algorithm version."""
+    name: str
+    version: str
+    sha256: dict
+
+
+def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> ModelInfo:
+    doc = json.loads((Path(weights_dir) / "manifest.json").read_text())
+    return ModelInfo(name=doc["name"], version=doc["version"], sha256=doc["sha256"])
+
+
+def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=chosen)
+    input_name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {input_name: batch})[0]
+
+
+def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None) -> Pipeline:
+    """The shipped models on ONNX Runtime, after checking their sha256 against the manifest."""
+    import hashlib
+
+    info = read_manifest(weights_dir)
+    for filename, expected in info.sha256.items():
+        actual = hashlib.sha256((Path(weights_dir) / filename).read_bytes()).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{filename}: sha256 {actual} does not match the manifest ({expected})")
+    return Pipeline(onnx_runner(Path(weights_dir) / "lungs.onnx", threads, providers),
+                    onnx_runner(Path(weights_dir) / "opacity.onnx", threads, providers),
+                    version=info.version)
