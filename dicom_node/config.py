@@ -1,0 +1,130 @@
+"""Typed settings from config/default.toml overlaid with a site file, validated at start-up."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.toml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, mistyped or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    ae_title: str
+    bind: str
+    port: int
+    allowed_calling_aes: tuple[str, ...]
+    require_called_ae: bool
+    max_associations: int
+    network_timeout: float
+    state_dir: Path
+    results_dir: Path
+    min_free_mb: int
+    stable_seconds: float
+    workers: int
+    onnx_threads: int
+    providers: tuple[str, ...]
+    destinations: tuple[Destination, ...]
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    retention_days: float
+    health_bind: str
+    health_port: int
+    log_level: str
+    source: list = field(default_factory=list)
+
+
+def _merge(base: dict, override: dict, prefix="") -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base and key != "destinations":
+            raise ConfigError(f"unknown setting '{prefix}{key}'")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _ae_title(value, key) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value or not value.isascii():
+        raise ConfigError(f"{key}: an AE title is 1-16 ASCII characters without backslash, got {value!r}")
+    return value.strip()
+
+
+def _number(section: dict, key: str, path: str, kind=int, minimum=0):
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{path}.{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{path}.{key}: must be >= {minimum}, got {value}")
+    return kind(value)
+
+
+def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:
+    """Defaults, then the site file at `path`. Relative folders resolve against `base_dir`
+    (the current directory by default)."""
+    raw = tomllib.loads(DEFAULT_CONFIG.read_text())
+    sources = [str(DEFAULT_CONFIG)]
+    if path is not None:
+        try:
+            raw = _merge(raw, tomllib.loads(Path(path).read_text()))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        except OSError as error:
+            raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from error
+        sources.append(str(path))
+    base_dir = Path(base_dir or Path.cwd())
+    node, storage, processing = raw["node"], raw["storage"], raw["processing"]
+    port = _number(node, "port", "node", minimum=1)
+    if port > 65535:
+        raise ConfigError(f"node.port: must be <= 65535, got {port}")
+    destinations = []
+    for index, entry in enumerate(raw.get("destinations", [])):
+        key = f"destinations[{index}]"
+        missing = {"name", "ae_title", "host", "port"} - set(entry)
+        if missing:
+            raise ConfigError(f"{key}: missing {', '.join(sorted(missing))}")
+        destinations.append(Destination(str(entry["name"]), _ae_title(entry["ae_title"], f"{key}.ae_title"),
+                                        str(entry["host"]), _number(entry, "port", key, minimum=1)))
+    if len({d.name for d in destinations}) != len(destinations):
+        raise ConfigError("destinations: names must be unique")
+    level = str(raw["logging"]["level"]).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: one of {', '.join(LOG_LEVELS)}, got {raw['logging']['level']!r}")
+    state_dir = (base_dir / storage["state_dir"]).resolve()
+    results_dir = (base_dir / storage["results_dir"]).resolve() if storage["results_dir"] else state_dir / "results"
+    providers = processing["providers"]
+    if not providers or not all(isinstance(p, str) for p in providers):
+        raise ConfigError("processing.providers: a non-empty list of ONNX Runtime provider names")
+    return Config(
+        ae_title=_ae_title(node["ae_title"], "node.ae_title"), bind=str(node["bind"]), port=port,
+        allowed_calling_aes=tuple(_ae_title(a, "node.allowed_calling_aes") for a in node["allowed_calling_aes"]),
+        require_called_ae=bool(node["require_called_ae"]),
+        max_associations=_number(node, "max_associations", "node", minimum=1),
+        network_timeout=_number(node, "network_timeout", "node", float, 1),
+        state_dir=state_dir, results_dir=results_dir,
+        min_free_mb=_number(storage, "min_free_mb", "storage"),
+        stable_seconds=_number(processing, "stable_seconds", "processing", float),
+        workers=_number(processing, "workers", "processing", minimum=1),
+        onnx_threads=_number(processing, "onnx_threads", "processing", minimum=1),
+        providers=tuple(providers), destinations=tuple(destinations),
+        retry_initial_seconds=_number(raw["retry"], "initial_seconds", "retry", float, 0.1),
+        retry_max_seconds=_number(raw["retry"], "max_seconds", "retry", float, 0.1),
+        retention_days=_number(raw["retention"], "days", "retention", float),
+        health_bind=str(raw["health"]["bind"]), health_port=_number(raw["health"], "port", "health"),
+        log_level=level, source=sources,
+    )

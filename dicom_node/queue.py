@@ -1,0 +1,191 @@
+"""Job states in SQLite (WAL, synchronous=FULL): the only place that knows them.
+
+instances: received -> queued (study stable) -> processing -> done | skipped | failed
+results:   one row per (result object, destination): pending -> sent;  'written' when no
+           destination is configured (the file in results_dir is the delivery).
+Every transition is one committed transaction, so a crash at any point leaves a state to resume
+from: `recover` puts interrupted 'processing' jobs back in the queue at start-up.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT, sop_class_uid TEXT, calling_ae TEXT,
+    path TEXT, state TEXT NOT NULL, reason TEXT, decided_by TEXT, opacity_pct REAL,
+    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS results (
+    sop_uid TEXT NOT NULL, destination TEXT NOT NULL, source_sop_uid TEXT NOT NULL, kind TEXT NOT NULL,
+    path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL,
+    last_error TEXT, created_at REAL NOT NULL, sent_at REAL, PRIMARY KEY (sop_uid, destination));
+CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
+"""
+INSTANCE_STATES = ("received", "queued", "processing", "done", "skipped", "failed")
+RESULT_STATES = ("pending", "sent", "written")
+NO_DESTINATION = ""
+
+
+class Queue:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the sender hears 0x0000
+        self._db.executescript(SCHEMA)
+        self.path.chmod(0o600)
+
+    def _transaction(self, statements):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = statements(self._db)
+                self._db.execute("COMMIT")
+                return result
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql, args=()):
+        with self._lock:
+            return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+
+    # ------------------------------------------------------------ receive side
+    def known(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
+
+    def record_received(self, sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path,
+                        state="received", reason=None) -> bool:
+        """Record a spooled instance; False if the SOP Instance UID was already known."""
+        now = time.time()
+        return self._transaction(lambda db: db.execute(
+            "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path,"
+            " state, reason, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, str(path), state, reason, now, now)
+        ).rowcount == 1)
+
+    def promote_stable(self, stable_seconds: float) -> int:
+        """received -> queued for studies that got no new instance for `stable_seconds`."""
+        now = time.time()
+        return self._transaction(lambda db: db.execute(
+            "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'received' AND study_uid IN"
+            " (SELECT study_uid FROM instances GROUP BY study_uid HAVING MAX(received_at) <= ?)",
+            (now, now - stable_seconds)).rowcount)
+
+    # ------------------------------------------------------------ worker side
+    def recover(self) -> int:
+        """Jobs interrupted by a crash go back to the queue."""
+        return self._transaction(lambda db: db.execute(
+            "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'processing'",
+            (time.time(),)).rowcount)
+
+    def claim_next(self) -> dict | None:
+        def claim(db):
+            row = db.execute("SELECT * FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?"
+                       " WHERE sop_uid = ?", (time.time(), row["sop_uid"]))
+            return dict(row)
+        return self._transaction(claim)
+
+    def _finish(self, sop_uid, state, reason=None, decided_by=None, opacity_pct=None):
+        return lambda db: db.execute(
+            "UPDATE instances SET state = ?, reason = ?, decided_by = ?, opacity_pct = ?, updated_at = ?"
+            " WHERE sop_uid = ?", (state, reason, decided_by, opacity_pct, time.time(), sop_uid))
+
+    def skip(self, sop_uid: str, reason: str, decided_by: str) -> None:
+        self._transaction(self._finish(sop_uid, "skipped", reason, decided_by))
+
+    def fail(self, sop_uid: str, reason: str) -> None:
+        self._transaction(self._finish(sop_uid, "failed", reason))
+
+    def complete(self, sop_uid: str, results: list[tuple[str, str, Path]], destinations: list[str],
+                 decided_by: str, opacity_pct: float) -> None:
+        """Instance done and its results (sop_uid, kind, path) queued for every destination, atomically."""
+        now = time.time()
+
+        def statements(db):
+            for result_uid, kind, path in results:
+                for destination in destinations or [NO_DESTINATION]:
+                    db.execute("INSERT OR IGNORE INTO results (sop_uid, destination, source_sop_uid, kind, path,"
+                               " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                               (result_uid, destination, sop_uid, kind, str(path),
+                                "pending" if destinations else "written", now, now))
+            self._finish(sop_uid, "done", None, decided_by, opacity_pct)(db)
+        self._transaction(statements)
+
+    def retry_failed(self, sop_uid: str | None = None) -> int:
+        """failed -> queued (all failed instances, or one)."""
+        where, args = ("AND sop_uid = ?", (sop_uid,)) if sop_uid else ("", ())
+        return self._transaction(lambda db: db.execute(
+            f"UPDATE instances SET state = 'queued', reason = NULL, updated_at = ? WHERE state = 'failed' {where}",
+            (time.time(), *args)).rowcount)
+
+    # ------------------------------------------------------------ sender side
+    def due_results(self, destination: str, limit: int = 50) -> list[dict]:
+        return self._query("SELECT * FROM results WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
+                           " ORDER BY created_at LIMIT ?", (destination, time.time(), limit))
+
+    def mark_sent(self, sop_uid: str, destination: str) -> None:
+        self._transaction(lambda db: db.execute(
+            "UPDATE results SET state = 'sent', sent_at = ?, last_error = NULL, attempts = attempts + 1"
+            " WHERE sop_uid = ? AND destination = ?", (time.time(), sop_uid, destination)))
+
+    def mark_send_failed(self, sop_uid: str, destination: str, error: str, initial: float, maximum: float) -> None:
+        """Exponential backoff: initial * 2^attempts, capped at maximum. Never dropped."""
+        def statements(db):
+            attempts = db.execute("SELECT attempts FROM results WHERE sop_uid = ? AND destination = ?",
+                                  (sop_uid, destination)).fetchone()[0]
+            delay = min(maximum, initial * 2 ** attempts)
+            db.execute("UPDATE results SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+                       " WHERE sop_uid = ? AND destination = ?", (error, time.time() + delay, sop_uid, destination))
+        self._transaction(statements)
+
+    # ------------------------------------------------------------ reporting and retention
+    def counts(self) -> dict:
+        instances = {s: 0 for s in INSTANCE_STATES}
+        instances.update({r["state"]: r["n"] for r in self._query("SELECT state, COUNT(*) n FROM instances GROUP BY state")})
+        results = {s: 0 for s in RESULT_STATES}
+        results.update({r["state"]: r["n"] for r in self._query("SELECT state, COUNT(*) n FROM results GROUP BY state")})
+        return {"instances": instances, "results": results}
+
+    def last_errors(self, limit: int = 10) -> list[dict]:
+        failed = self._query("SELECT sop_uid, 'instance' kind, reason error, updated_at at FROM instances"
+                             " WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
+        sending = self._query("SELECT sop_uid, 'send to ' || destination kind, last_error error, next_attempt_at at"
+                              " FROM results WHERE state = 'pending' AND last_error IS NOT NULL"
+                              " ORDER BY next_attempt_at DESC LIMIT ?", (limit,))
+        return failed + sending
+
+    def instance(self, sop_uid: str) -> dict | None:
+        rows = self._query("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return rows[0] if rows else None
+
+    def expired_files(self, older_than: float) -> list[str]:
+        """Files of finished work older than the retention: inputs whose results all left, results sent."""
+        inputs = self._query(
+            "SELECT path FROM instances i WHERE state IN ('done', 'skipped') AND updated_at < ? AND path != ''"
+            " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.source_sop_uid = i.sop_uid AND r.state = 'pending')",
+            (older_than,))
+        results = self._query("SELECT path FROM results WHERE state = 'sent' AND sent_at < ? AND path != ''"
+                              " AND sop_uid NOT IN (SELECT sop_uid FROM results WHERE state = 'pending')", (older_than,))
+        return [r["path"] for r in inputs + results]
+
+    def forget_files(self, paths: list[str]) -> None:
+        def statements(db):
+            for path in paths:
+                db.execute("UPDATE instances SET path = '' WHERE path = ?", (path,))
+                db.execute("UPDATE results SET path = '' WHERE path = ?", (path,))
+        self._transaction(statements)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
