@@ -131,6 +131,7 @@ def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # tf2onnx Resize attributes draw a deprecation warning per node
     available = ort.get_available_providers()
     chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=chosen)

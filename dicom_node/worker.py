@@ -1,0 +1,96 @@
+"""Queued instance -> filter -> pixels -> models -> SEG + SR, durably written and queued for sending."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+
+from dicom_node import filter as chest_filter
+from dicom_node.logs import log
+from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
+from dicom_node.outputs import Algorithm, no_patient_data_in_warnings, prepare_source
+from dicom_node.outputs.seg import build_segmentation
+from dicom_node.outputs.sr import build_report
+from dicom_node.pixels import UnusableImage, dataset_gray
+from dicom_node.queue import Queue
+from dicom_node.spool import Spool
+from model.infer import Pipeline
+
+
+def encode(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Worker:
+    def __init__(self, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
+                 destinations: list[str], results_dir: Path):
+        self.queue, self.spool, self.pipeline, self.algorithm = queue, spool, pipeline, algorithm
+        self.destinations, self.results_dir = destinations, Path(results_dir)
+
+    def process(self, job: dict) -> str:
+        """Finish one claimed job; returns its final state. Never raises: a failure is recorded."""
+        uid = job["sop_uid"]
+        started = time.perf_counter()
+        try:
+            state = self._process(job)
+        except UnusableImage as error:
+            state = "failed"
+            self.queue.fail(uid, f"unusable image: {error}")
+            log("instance failed", uid=uid, reason=str(error))
+        except Exception as error:  # one bad image must not stop the others; the reason is kept
+            state = "failed"
+            reason = f"{type(error).__name__}: {error}"[:500]
+            self.queue.fail(uid, reason)
+            log("instance failed", 40, uid=uid, reason=reason)
+        PROCESSED.labels(state).inc()
+        PROCESSING_SECONDS.observe(time.perf_counter() - started)
+        return state
+
+    def _process(self, job: dict) -> str:
+        uid = job["sop_uid"]
+        analysis_started = datetime.now().astimezone()
+        ds = pydicom.dcmread(job["path"])
+        decision = chest_filter.by_tags(ds)
+        if decision.frontal_chest is False:
+            self.queue.skip(uid, decision.reason, decision.decided_by)
+            log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
+            return "skipped"
+        seg = self.pipeline.segment(dataset_gray(ds))
+        if decision.frontal_chest is None:
+            decision = chest_filter.by_image(seg)
+            if not decision.frontal_chest:
+                self.queue.skip(uid, decision.reason, decision.decided_by)
+                log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
+                return "skipped"
+        source = prepare_source(ds)
+        with no_patient_data_in_warnings():
+            segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
+            report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
+        results = []
+        for kind, result in (("SEG", segmentation), ("SR", report)):
+            if self.destinations:
+                path = self.spool.result_path(result.SOPInstanceUID)
+            else:  # no PACS configured: the results folder is the delivery
+                folder = self.results_dir / source.StudyInstanceUID
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path = folder / Spool.file_name(result.SOPInstanceUID)
+            Spool.write(path, encode(result))
+            results.append((result.SOPInstanceUID, kind, path))
+        self.queue.complete(uid, results, self.destinations, decision.decided_by, seg.opacity_pct)
+        log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
+            seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID)
+        return "done"
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            job = self.queue.claim_next()
+            if job is None:
+                stop.wait(0.2)
+                continue
+            self.process(job)
