@@ -1,0 +1,236 @@
+"""The node end to end with real parts: Orthanc as the PACS, DCMTK as the modality, dciodvfy as the
+validator, highdicom reading the results back."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from pynetdicom.sop_class import SegmentationStorage
+
+from dicom_node.outputs import OPACITY_PERCENT
+from tests.harness import Node, Orthanc, dcmsend, storescu, wait_for
+
+TRANSCODERS = {  # DCMTK command that writes the uncompressed radiograph in another transfer syntax
+    "jpeg_lossless": ["dcmcjpeg", "+e1"], "jpeg_ls": ["dcmcjpls"], "rle": ["dcmcrle"], "deflate": ["dcmconv", "+td"],
+}
+
+
+def new_instance(ds: pydicom.Dataset, path: Path, decompress=False) -> Path:
+    """Save a copy as a different instance (new SOP Instance UID, same study)."""
+    ds = ds.copy()
+    if decompress:
+        ds.decompress()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(dicom_dir, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("inputs")
+    shared = sorted(dicom_dir.rglob("*.dcm"))
+    mono1 = new_instance(pydicom.dcmread(dicom_dir / "torchxrayvision" / "Fake_MONOHR1.dcm"), folder / "mono1.dcm")
+    plain = new_instance(pydicom.dcmread(dicom_dir / "pydicom-data" / "RG1_J2KR.dcm"), folder / "uncompressed.dcm",
+                         decompress=True)
+    transcoded = []
+    for name, command in TRANSCODERS.items():
+        source = new_instance(pydicom.dcmread(plain), folder / f"{name}-in.dcm")
+        subprocess.run([*command, str(source), str(folder / f"{name}.dcm")], check=True, capture_output=True)
+        transcoded.append(folder / f"{name}.dcm")
+    return {"shared": shared, "extra": [mono1, plain, *transcoded]}
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield orthanc
+    orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def node(pacs, tmp_path_factory):
+    node = Node(tmp_path_factory.mktemp("node"), destinations=[("pacs", pacs)]).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def pushed(node, inputs):
+    files = inputs["shared"] + inputs["extra"]
+    result = dcmsend(node.port, files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for(node.idle, 300, 1, "node to analyse and deliver everything")
+    return files
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def frontal_sources(inputs) -> dict[str, Path]:
+    """Every pushed frontal chest image by SOP Instance UID (the first of two files sharing a UID wins)."""
+    sources = {}
+    for path in inputs["shared"] + inputs["extra"]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID.name.startswith(("Computed", "Secondary")) or "nhsx" in str(path):
+            sources.setdefault(str(ds.SOPInstanceUID), path)
+    return sources
+
+
+def results_by_source(pacs: Orthanc) -> dict[str, dict[str, list[pydicom.Dataset]]]:
+    found: dict = {}
+    for modality in ("SEG", "SR"):
+        for instance in pacs.instances(modality):
+            ds = pydicom.dcmread(io.BytesIO(pacs.file(instance["id"])))
+            if modality == "SEG":
+                sources = [ref.ReferencedSOPInstanceUID for series in ds.ReferencedSeriesSequence
+                           for ref in series.ReferencedInstanceSequence]
+            else:
+                sources = [ref.ReferencedSOPInstanceUID for study in ds.CurrentRequestedProcedureEvidenceSequence
+                           for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence
+                           if ref.ReferencedSOPClassUID != SegmentationStorage]
+            for uid in sources:
+                found.setdefault(uid, {"SEG": [], "SR": []})[modality].append(ds)
+    return found
+
+
+def dciodvfy_errors(ds: pydicom.Dataset, folder: Path) -> list[str]:
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def opacity_percent_in_report(report: pydicom.Dataset) -> float:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(report)
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        if group.tracking_identifier == "Opacity (AI)":
+            return float(group.get_measurements(name=OPACITY_PERCENT)[0].value)
+    raise AssertionError("no opacity group in the report")
+
+
+def test_each_frontal_chest_image_gets_one_valid_seg_and_sr(pushed, inputs, pacs, tmp_path):
+    sources = frontal_sources(inputs)
+    assert len(sources) == 10  # 4 shared frontal images + MONOCHROME1 copy + 5 transfer syntaxes
+    results = results_by_source(pacs)
+    for uid, path in sources.items():
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        assert uid in results, f"no results for {path.name}"
+        segs, reports = results[uid]["SEG"], results[uid]["SR"]
+        assert len(segs) == 1 and len(reports) == 1, path.name
+        seg_ds, report = segs[0], reports[0]
+        for result in (seg_ds, report):
+            assert result.StudyInstanceUID == source.StudyInstanceUID
+            assert result.SeriesInstanceUID != source.SeriesInstanceUID
+            assert dciodvfy_errors(result, tmp_path) == [], (path.name, result.Modality)
+        seg = hd.seg.Segmentation.from_dataset(seg_ds)
+        masks = seg.get_pixels_by_source_instance([uid], segment_numbers=[1, 2, 3])[0].astype(bool)
+        assert masks.shape == (source.Rows, source.Columns, 3)
+        lungs, opacity = masks[..., 0] | masks[..., 1], masks[..., 2]
+        assert lungs.mean() > 0.1, f"{path.name}: lungs cover {lungs.mean():.1%}"
+        assert not (opacity & ~lungs).any(), f"{path.name}: opacity outside the lungs"
+        assert abs(opacity_percent_in_report(report) - 100 * opacity.sum() / lungs.sum()) <= 0.1
+        assert report.VerificationFlag == "UNVERIFIED"
+        for result in (seg_ds, report):  # IHE AI Results: the algorithm as processing equipment
+            assert any(item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and item.Manufacturer == "cxr-node"
+                       for item in result.ContributingEquipmentSequence)
+
+
+def test_lateral_and_non_image_objects_are_skipped_with_a_reason(pushed, dicom_dir, node, pacs):
+    lateral = uid_of(dicom_dir / "highdicom" / "dx_image.dcm")
+    record = node.status(lateral)
+    assert record["state"] == "skipped" and "lateral" in record["reason"]
+    assert lateral not in results_by_source(pacs)
+    for name in ("seg_image_cr_binary.dcm", "sr_document.dcm"):
+        record = node.status(uid_of(dicom_dir / "highdicom" / name))
+        assert record["state"] == "skipped" and "not a radiograph" in record["reason"]
+
+
+def test_missing_view_tags_are_decided_from_the_image(pushed, dicom_dir, node):
+    nccid = next((dicom_dir / "nhsx-nccid").glob("*.dcm"))
+    record = node.status(uid_of(nccid))
+    assert record["state"] == "done" and record["decided_by"] == "image"
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(node, inputs):
+    image = inputs["extra"][1]
+    for calling, called in (("INTRUDER", "CXR_NODE"), ("STORESCU", "SOMEONE_ELSE")):
+        result = storescu(node.port, [image], calling, called)
+        assert result.returncode != 0
+        assert "Association Rejected" in result.stdout + result.stderr
+
+
+def test_duplicate_push_creates_no_second_result(pushed, node, pacs, dicom_dir):
+    image = sorted((dicom_dir / "torchxrayvision").glob("1.2*.dcm"))[0]
+    before = node.metrics()
+    assert dcmsend(node.port, [image]).returncode == 0
+    wait_for(node.idle, 60, what="idle")
+    duplicates = lambda text: float(next(  # noqa: E731
+        (line.split()[-1] for line in text.splitlines() if line.startswith('cxr_instances_received_total{outcome="duplicate"}')), 0))
+    assert duplicates(node.metrics()) == duplicates(before) + 1
+    assert node.status(uid_of(image))["attempts"] == 1
+    results = results_by_source(pacs)[uid_of(image)]
+    assert len(results["SEG"]) == len(results["SR"]) == 1
+
+
+def test_echo_and_status_commands(node, pushed):
+    echo = node.cli("echo")
+    assert echo.returncode == 0 and "pacs" in echo.stdout and "ok" in echo.stdout
+    counts = node.status()
+    assert counts["instances"]["failed"] == 0 and counts["results"]["pending"] == 0
+    assert counts["results"]["sent"] == 2 * counts["instances"]["done"]
+
+
+def test_logs_carry_no_patient_names_or_ids(pushed, node, inputs):
+    log = node.log()
+    for path in inputs["shared"]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for value in (str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))):
+            if len(value) >= 4 and not value.isdigit():  # digit-only IDs could occur inside UIDs
+                assert value not in log, f"{path.name}: patient data in the log"
+
+
+def test_results_reach_a_pacs_that_was_down_at_first(tmp_path, inputs):
+    pacs = Orthanc(tmp_path / "late-pacs")  # ports chosen, not started yet
+    node = Node(tmp_path / "node", destinations=[("late", pacs)]).start()
+    try:
+        image = inputs["extra"][0]
+        assert dcmsend(node.port, [image]).returncode == 0
+        wait_for(lambda: node.status()["instances"]["done"] == 1, 60, what="analysis")
+        wait_for(lambda: node.status()["last_errors"], 30, what="a failed send attempt")
+        assert node.status()["results"] == {"pending": 2, "sent": 0, "written": 0}
+        pacs.start()
+        wait_for(lambda: node.status()["results"]["sent"] == 2, 60, what="delivery after the PACS came up")
+        assert len(pacs.instances("SEG")) == 1 and len(pacs.instances("SR")) == 1
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_disk_below_watermark_answers_out_of_resources(tmp_path, inputs):
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    node = Node(tmp_path / "node", storage={"min_free_mb": int(free_mb) + 10_000}).start()
+    try:
+        result = storescu(node.port, [inputs["extra"][1]])  # storescu proposes uncompressed syntaxes only
+        assert "Refused: OutOfResources" in result.stdout + result.stderr  # status 0xA700
+        assert node.status()["instances"] == {s: 0 for s in ("received", "queued", "processing", "done", "skipped", "failed")}
+    finally:
+        node.stop()
+
+
+def test_without_destinations_results_are_written_to_the_results_folder(tmp_path, inputs):
+    node = Node(tmp_path / "node").start()
+    try:
+        assert dcmsend(node.port, [inputs["extra"][0]]).returncode == 0
+        wait_for(lambda: node.status()["results"]["written"] == 2, 60, what="results written")
+        written = sorted((tmp_path / "node" / "state" / "results").rglob("*.dcm"))
+        assert {pydicom.dcmread(p).Modality for p in written} == {"SEG", "SR"}
+    finally:
+        node.stop()
