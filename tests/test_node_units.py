@@ -1,0 +1,86 @@
+"""Configuration, queue states and the systemd unit."""
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, load_config
+from dicom_node.queue import Queue
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_defaults_load():
+    config = load_config()
+    assert config.ae_title == "CXR_NODE" and config.port == 11112 and config.destinations == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[node]\nport = 70000\n", "node.port"),
+    ("[node]\nae_title = \"MUCH_TOO_LONG_AE_TITLE\"\n", "node.ae_title"),
+    ("[processing]\nworkers = 0\n", "processing.workers"),
+    ("[storage]\nmin_free_mb = \"lots\"\n", "storage.min_free_mb"),
+    ("[node]\nprot = 104\n", "node.prot"),
+    ("[[destinations]]\nname = \"pacs\"\nhost = \"h\"\nport = 104\n", "ae_title"),
+    ("[logging]\nlevel = \"LOUD\"\n", "logging.level"),
+    ("not toml at all [", "not valid TOML"),
+])
+def test_invalid_settings_are_named(tmp_path, text, message):
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_cli_exits_2_on_a_bad_configuration(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_text("[node]\nport = 0\n")
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "node.port" in result.stderr
+
+
+def test_interrupted_jobs_are_recovered_and_results_not_duplicated(tmp_path):
+    queue = Queue(tmp_path / "q.sqlite3")
+    assert queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
+    assert not queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
+    assert queue.promote_stable(0) == 1
+    assert queue.claim_next()["sop_uid"] == "1.2.3"
+    queue.close()
+    queue = Queue(tmp_path / "q.sqlite3")  # as after kill -9 during processing
+    assert queue.recover() == 1
+    job = queue.claim_next()
+    assert job["attempts"] == 1  # the row as claimed; the claim itself counted a second attempt
+    results = [("2.25.1", "SEG", tmp_path / "s.dcm"), ("2.25.2", "SR", tmp_path / "r.dcm")]
+    queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)
+    queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)  # reprocessing gives the same result UIDs
+    assert queue.counts()["results"]["pending"] == 2
+
+
+def test_failed_sends_back_off_and_are_never_dropped(tmp_path):
+    queue = Queue(tmp_path / "q.sqlite3")
+    queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm")
+    queue.complete("1.2.3", [("2.25.1", "SEG", tmp_path / "s.dcm")], ["pacs"], "tags", 1.0)
+    delays = []
+    for _ in range(6):
+        queue.mark_send_failed("2.25.1", "pacs", "refused", initial=1, maximum=8)
+        row = queue._query("SELECT * FROM results")[0]
+        delays.append(round(row["next_attempt_at"] - time.time()))
+    assert delays == [1, 2, 4, 8, 8, 8]
+    assert row["state"] == "pending" and row["last_error"] == "refused"
+    assert queue.due_results("pacs") == []  # waiting for its backoff
+    queue.mark_sent("2.25.1", "pacs")
+    assert queue.counts()["results"]["sent"] == 1
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_systemd_unit_verifies(tmp_path):
+    unit = (REPO / "systemd" / "cxr-node.service").read_text()
+    executable = Path(sys.executable).with_name("cxr-node")
+    copy = tmp_path / "cxr-node.service"  # verify checks that ExecStart exists: point it at this install
+    copy.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(executable)))
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
