@@ -19,7 +19,11 @@ from model.lungs import LEFT, RIGHT, ZONES, crop_box, split_right_left, zone_map
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 LUNG_SIZE = 256      # whole image; lungs are large, and 256 keeps training feasible on 2 cores
 OPACITY_SIZE = 320   # lung crop, the paper's input size
-THRESHOLD = 0.5
+# Lung pixels are kept from probability 0.3: chosen on the validation split (mean lung Dice 0.9487
+# at 0.5, 0.9511 at 0.3, 0.9510 at 0.25, 0.9504 at 0.4), because densely opaque lung gets lower
+# probabilities and would otherwise fall out of the lung field. Opacity keeps 0.5.
+LUNG_THRESHOLD = 0.3
+OPACITY_THRESHOLD = 0.5
 
 # A batch of (n, size, size, 1) float32 images in [0, 1] -> (n, size, size, channels) probabilities.
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -82,8 +86,8 @@ class Pipeline:
         prob = self.lung_runner(small[None, ..., None].astype(np.float32) / 255.0)[0]
         prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
         lung_prob = prob.max(axis=-1)
-        right = _largest_components((prob[..., 0] >= THRESHOLD) & (prob[..., 0] >= prob[..., 1]))
-        left = _largest_components((prob[..., 1] >= THRESHOLD) & (prob[..., 1] > prob[..., 0]))
+        right = _largest_components((prob[..., 0] >= LUNG_THRESHOLD) & (prob[..., 0] >= prob[..., 1]))
+        left = _largest_components((prob[..., 1] >= LUNG_THRESHOLD) & (prob[..., 1] > prob[..., 0]))
         labels = np.zeros(image.shape, np.uint8)
         labels[right], labels[left] = RIGHT, LEFT
         # A network can swap sides on an odd crop; anatomy (image position) decides the labels.
@@ -104,7 +108,7 @@ class Pipeline:
         """Gray image of any bit depth (MONOCHROME2 orientation: air is dark) -> Segmentation."""
         image = normalize_gray(gray)
         lungs, confidence = self.lungs(image)
-        opacity = (self.opacity_probability(image, lungs) >= THRESHOLD) & (lungs > 0)
+        opacity = (self.opacity_probability(image, lungs) >= OPACITY_THRESHOLD) & (lungs > 0)
         result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence)
         zones = zone_map(lungs)
         result.zone_opacity_pct = {letter: result.opacity_pct_of(zones == index)
@@ -131,7 +135,9 @@ def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # tf2onnx Resize attributes draw a deprecation warning per node
+    # tf2onnx's Resize attributes draw a deprecation warning per node at load: errors only.
+    ort.set_default_logger_severity(3)
+    options.log_severity_level = 3
     available = ort.get_available_providers()
     chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=chosen)
