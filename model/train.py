@@ -304,10 +304,8 @@ def train_opacity(data_dir: Path, out_dir: Path, lung_model, epochs: int, fine_t
     1. weak: extent fractions and Brixia zero-zones on train patients, starting from the lung model's
        weights; patients with opacity polygons are kept out, so every polygon image stays unseen.
     2. cross-validation by patient over the polygon images: fine-tune the weak model on the other
-       folds' polygons, predict the held-out fold (and the same with polygons only, for the ablation).
+       folds' polygons (and, for the ablation, the lung-initialised model on polygons only).
     3. final: fine-tune the weak model on all polygon images; this is the shipped model.
-    Returns {variant: {filename: Segmentation}} for every polygon image, each predicted by a model
-    that never saw its polygons.
     """
     setup()
     records = [r for r in load_records(data_dir) if r.lung_mask_path]
@@ -316,43 +314,57 @@ def train_opacity(data_dir: Path, out_dir: Path, lung_model, epochs: int, fine_t
     weak_train = opacity_samples(parts["train"], size, use_polygons=False)
     weak_val = opacity_samples(parts["val"], size, use_polygons=False)
 
-    def fresh_from_lungs():
-        model = network.build_unet(size, len(network.OPACITY_CHANNELS))
-        network.copy_matching_weights(lung_model, model)
-        return model
-
-    weak_model = fresh_from_lungs()
+    weak_model = opacity_model_from(lung_model, size)
     schedule = tf.keras.optimizers.schedules.CosineDecay(1e-3, epochs * (len(weak_train) // 8), alpha=0.05)
     fit(Trainer(weak_model, opacity_loss, schedule), weak_train, weak_val, opacity_batch, epochs,
         out_dir / "opacity-weak", desc="opacity weak")
     weak_path = out_dir / "opacity-weak" / "best.h5"
 
-    held_out = {"weak labels only": {}, "polygons only (CV)": {}, "weak labels + polygons (CV)": {}}
     folds = polygon_folds(records)
-    for k, fold in enumerate(folds):
-        others = [r for j, f in enumerate(folds) if j != k for r in f]
-        polygons = opacity_samples(others, size)
-        for variant, start_from_weak in (("weak labels + polygons (CV)", True), ("polygons only (CV)", False)):
-            model = fresh_from_lungs()
-            if start_from_weak:
-                model.load_weights(str(weak_path))
-            tag = "cv-weak+poly" if start_from_weak else "cv-poly"
+    for k in range(len(folds)):
+        polygons = opacity_samples([r for j, f in enumerate(folds) if j != k for r in f], size)
+        for tag, start_from_weak in (("cv-weak+poly", True), ("cv-poly", False)):
+            model = opacity_model_from(lung_model, size, weak_path if start_from_weak else None)
             fine_tune(model, polygons, weak_train if start_from_weak else Samples(), fine_tune_epochs,
                       out_dir / f"{tag}-fold{k}", desc=f"{tag} fold {k}")
-            pipeline = keras_pipeline(lung_model, model)
-            for record in fold:
-                held_out[variant][record.filename] = pipeline.segment(read_gray(record.image_path))
-    weak_model.load_weights(str(weak_path))
-    weak_pipeline = keras_pipeline(lung_model, weak_model)
-    for record in (r for fold in folds for r in fold):
-        held_out["weak labels only"][record.filename] = weak_pipeline.segment(read_gray(record.image_path))
 
-    final = fresh_from_lungs()
-    final.load_weights(str(weak_path))
+    final = opacity_model_from(lung_model, size, weak_path)
     all_polygons = opacity_samples([r for f in folds for r in f], size)
     fine_tune(final, all_polygons, weak_train, fine_tune_epochs, out_dir / "opacity-final", desc="opacity final")
-    return final, held_out
+    return final
 
+
+def opacity_model_from(lung_model, size: int, weights: Path | None = None):
+    """Opacity U-Net initialised from the lung model (no ImageNet weights here), or from `weights`."""
+    model = network.build_unet(size, len(network.OPACITY_CHANNELS))
+    network.copy_matching_weights(lung_model, model)
+    if weights is not None:
+        model.load_weights(str(weights))
+    return model
+
+
+HELD_OUT_VARIANTS = {  # ablation row -> checkpoint folder (per fold where polygons were used)
+    "weak labels only": "opacity-weak",
+    "polygons only (CV)": "cv-poly-fold{k}",
+    "weak labels + polygons (CV)": "cv-weak+poly-fold{k}",
+}
+
+
+def score_held_out(data_dir: Path, out_dir: Path, lung_model, size: int = network.OPACITY_SIZE) -> dict:
+    """Ablation: every polygon image predicted by each variant's model that never saw its polygons
+    (rebuilt from the checkpoints, so it can be rerun without training)."""
+    from model.evaluate import score_image, summarize
+
+    records = [r for r in load_records(data_dir) if r.lung_mask_path]
+    ablation = {}
+    for variant, folder in HELD_OUT_VARIANTS.items():
+        rows = []
+        for k, fold in enumerate(polygon_folds(records)):
+            model = opacity_model_from(lung_model, size, out_dir / folder.format(k=k) / "best.h5")
+            pipeline = keras_pipeline(lung_model, model)
+            rows += [score_image(r, pipeline.segment(read_gray(r.image_path))) for r in fold]
+        ablation[variant] = summarize(rows)
+    return ablation
 
 MODEL_VERSION = "1.0.0"
 
@@ -361,17 +373,12 @@ def run(data_dir: Path, out_dir: Path, lung_epochs: int = 16, opacity_epochs: in
         fine_tune_epochs: int = 4, lung_size: int = network.LUNG_SIZE,
         opacity_size: int = network.OPACITY_SIZE) -> Path:
     """Every stage, the ablation on held-out polygon images, and ONNX export to out_dir/weights."""
-    from model.evaluate import score_image, summarize
     from model.export import export_onnx, round_weights_to_float16, write_manifest
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     lung_model = train_lungs(data_dir, out_dir, lung_epochs, lung_size)
-    opacity_model, held_out = train_opacity(data_dir, out_dir, lung_model, opacity_epochs, fine_tune_epochs,
-                                                 opacity_size)
-
-    records = {r.filename: r for r in load_records(data_dir)}
-    ablation = {variant: summarize([score_image(records[name], seg) for name, seg in segs.items()])
-                for variant, segs in held_out.items()}
+    opacity_model = train_opacity(data_dir, out_dir, lung_model, opacity_epochs, fine_tune_epochs, opacity_size)
+    ablation = score_held_out(data_dir, out_dir, lung_model, opacity_size)
     (out_dir / "ablation.json").write_text(json.dumps(ablation, indent=1))
     print(ablation_table(ablation))
 
