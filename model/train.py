@@ -305,7 +305,9 @@ def train_opacity(data_dir: Path, out_dir: Path, lung_model, epochs: int, fine_t
        weights; patients with opacity polygons are kept out, so every polygon image stays unseen.
     2. cross-validation by patient over the polygon images: fine-tune the weak model on the other
        folds' polygons (and, for the ablation, the lung-initialised model on polygons only).
-    3. final: fine-tune the weak model on all polygon images; this is the shipped model.
+    3. final: the recipe the cross-validation supports. In the 2026-11 run the weak labels made the
+       model predict no opacity (negatives outweigh the extent fractions; see the model card), so
+       the shipped model is the lung-initialised model fine-tuned on all polygon images.
     """
     setup()
     records = [r for r in load_records(data_dir) if r.lung_mask_path]
@@ -328,9 +330,10 @@ def train_opacity(data_dir: Path, out_dir: Path, lung_model, epochs: int, fine_t
             fine_tune(model, polygons, weak_train if start_from_weak else Samples(), fine_tune_epochs,
                       out_dir / f"{tag}-fold{k}", desc=f"{tag} fold {k}")
 
-    final = opacity_model_from(lung_model, size, weak_path)
+    final = opacity_model_from(lung_model, size)
     all_polygons = opacity_samples([r for f in folds for r in f], size)
-    fine_tune(final, all_polygons, weak_train, fine_tune_epochs, out_dir / "opacity-final", desc="opacity final")
+    fine_tune(final, all_polygons, Samples(), fine_tune_epochs, out_dir / "opacity-final-polygons",
+              desc="opacity final")
     return final
 
 
