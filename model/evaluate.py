@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from model.data import IGNORE, Record, load_records, read_gray, read_split, rasterize_labelme
 from model.infer import Pipeline, Segmentation
-from model.lungs import LEFT, RIGHT
+from model.lungs import LEFT, RIGHT, split_right_left
 from model.metrics import correlation, dice, overlap, roc_auc, segmentation_summary
 
 OVERLAY_SIZE = 640
@@ -29,7 +29,6 @@ def score_image(record: Record, seg: Segmentation) -> dict:
            "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", "")}
     if record.lung_mask_path:
         mask = cv2.imread(str(record.lung_mask_path), cv2.IMREAD_GRAYSCALE)
-        from model.lungs import split_right_left
         truth, valid = split_right_left(mask == 255), mask != IGNORE
         row["lung_dice"] = dice(overlap(seg.lungs > 0, truth > 0, valid))
         row["right_lung_dice"] = dice(overlap(seg.lungs == RIGHT, truth == RIGHT, valid))

@@ -23,8 +23,9 @@ ZONE_SITES = {  # Brixia zone -> (zone of lung, laterality)
 }
 
 
-def _percent(value: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=OPACITY_PERCENT, value=round(value, 2), unit=codes.UCUM.Percent)
+def _percent(value: float, finding_sites=None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=OPACITY_PERCENT, value=round(value, 2), unit=codes.UCUM.Percent,
+                             finding_sites=finding_sites)
 
 
 def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
@@ -58,10 +59,8 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
     zone_measurements = []
     for letter in ZONES:
         location, laterality = ZONE_SITES[letter]
-        measurement = _percent(seg.zone_opacity_pct[letter])
-        zone_measurements.append(hd.sr.Measurement(
-            name=measurement.name, value=round(seg.zone_opacity_pct[letter], 2), unit=codes.UCUM.Percent,
-            finding_sites=[hd.sr.FindingSite(location, laterality=laterality)]))
+        zone_measurements.append(_percent(seg.zone_opacity_pct[letter],
+                                          [hd.sr.FindingSite(location, laterality=laterality)]))
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "zones", algorithm.version),
