@@ -2,7 +2,8 @@
 destination answers 0x0000. Nothing is ever marked sent on any other answer."""
 from __future__ import annotations
 
-import pydicom
+from pathlib import Path
+
 from pynetdicom import AE
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, EnhancedSRStorage, SegmentationStorage,
                                   Verification)
@@ -71,7 +72,7 @@ class Sender:
         try:
             for row in rows:
                 try:
-                    status = assoc.send_c_store(pydicom.dcmread(row["path"]))
+                    status = assoc.send_c_store(Path(row["path"]))  # sent as stored, not decoded
                 except (OSError, ValueError, RuntimeError) as error:
                     self._failed(row, destination, f"{type(error).__name__}: {error}")
                     continue

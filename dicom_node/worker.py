@@ -58,16 +58,12 @@ class Worker:
         ds = pydicom.dcmread(job["path"])
         decision = chest_filter.by_tags(ds)
         if decision.frontal_chest is False:
-            self.queue.skip(uid, decision.reason, decision.decided_by)
-            log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
-            return "skipped"
+            return self._skip(uid, decision)
         seg = self.pipeline.segment(dataset_gray(ds))
         if decision.frontal_chest is None:
             decision = chest_filter.by_image(seg)
             if not decision.frontal_chest:
-                self.queue.skip(uid, decision.reason, decision.decided_by)
-                log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
-                return "skipped"
+                return self._skip(uid, decision)
         source = prepare_source(ds)
         with no_patient_data_in_warnings():
             segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
@@ -86,6 +82,11 @@ class Worker:
         log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
             seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID)
         return "done"
+
+    def _skip(self, uid: str, decision: chest_filter.Decision) -> str:
+        self.queue.skip(uid, decision.reason, decision.decided_by)
+        log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
+        return "skipped"
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

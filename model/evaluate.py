@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data import IGNORE, Record, load_records, read_gray, read_split, rasterize_labelme
+from model.data import Record, load_records, read_gray, read_lung_labels, read_split, rasterize_labelme
 from model.infer import Pipeline, Segmentation
-from model.lungs import LEFT, RIGHT, split_right_left
+from model.lungs import LEFT, RIGHT
 from model.metrics import correlation, dice, overlap, roc_auc, segmentation_summary
 
 OVERLAY_SIZE = 640
@@ -28,8 +28,8 @@ def score_image(record: Record, seg: Segmentation) -> dict:
            "extent": record.extent, "brixia_global": record.brixia_global,
            "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", "")}
     if record.lung_mask_path:
-        mask = cv2.imread(str(record.lung_mask_path), cv2.IMREAD_GRAYSCALE)
-        truth, valid = split_right_left(mask == 255), mask != IGNORE
+        truth, ignore = read_lung_labels(record.lung_mask_path)
+        valid = ~ignore
         row["lung_dice"] = dice(overlap(seg.lungs > 0, truth > 0, valid))
         row["right_lung_dice"] = dice(overlap(seg.lungs == RIGHT, truth == RIGHT, valid))
         row["left_lung_dice"] = dice(overlap(seg.lungs == LEFT, truth == LEFT, valid))
