@@ -22,6 +22,14 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None
+    require_client_certificate: bool
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str
     bind: str
@@ -30,6 +38,7 @@ class Config:
     require_called_ae: bool
     max_associations: int
     network_timeout: float
+    tls: TLSSettings | None
     state_dir: Path
     results_dir: Path
     min_free_mb: int
@@ -74,6 +83,24 @@ def _number(section: dict, key: str, path: str, kind=int, minimum=0):
     return kind(value)
 
 
+def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
+    if not section["enabled"]:
+        return None
+    files = {}
+    for key in ("certificate", "private_key", "ca_certificates"):
+        if not section[key]:
+            if key == "ca_certificates" and not section["require_client_certificate"]:
+                files[key] = None
+                continue
+            raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
+                              + (" and client certificates are required" if key == "ca_certificates" else ""))
+        files[key] = (base_dir / section[key]).resolve()
+        if not files[key].is_file():
+            raise ConfigError(f"tls.{key}: no such file {files[key]}")
+    return TLSSettings(files["certificate"], files["private_key"], files["ca_certificates"],
+                       bool(section["require_client_certificate"]))
+
+
 def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:
     """Defaults, then the site file at `path`. Relative folders resolve against `base_dir`
     (the current directory by default)."""
@@ -87,7 +114,6 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         except OSError as error:
             raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from error
         sources.append(str(path))
-    base_dir = Path(base_dir or Path.cwd())
     node, storage, processing = raw["node"], raw["storage"], raw["processing"]
     port = _number(node, "port", "node", minimum=1)
     if port > 65535:
@@ -102,6 +128,8 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
                                         str(entry["host"]), _number(entry, "port", key, minimum=1)))
     if len({d.name for d in destinations}) != len(destinations):
         raise ConfigError("destinations: names must be unique")
+    base_dir = Path(base_dir or Path.cwd())
+    tls = _tls(raw["tls"], base_dir)
     level = str(raw["logging"]["level"]).upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"logging.level: one of {', '.join(LOG_LEVELS)}, got {raw['logging']['level']!r}")
@@ -115,7 +143,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         allowed_calling_aes=tuple(_ae_title(a, "node.allowed_calling_aes") for a in node["allowed_calling_aes"]),
         require_called_ae=bool(node["require_called_ae"]),
         max_associations=_number(node, "max_associations", "node", minimum=1),
-        network_timeout=_number(node, "network_timeout", "node", float, 1),
+        network_timeout=_number(node, "network_timeout", "node", float, 1), tls=tls,
         state_dir=state_dir, results_dir=results_dir,
         min_free_mb=_number(storage, "min_free_mb", "storage"),
         stable_seconds=_number(processing, "stable_seconds", "processing", float),

@@ -27,7 +27,9 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
     # pynetdicom at INFO/DEBUG prints association and dataset details (which can hold patient data).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler warns each time a periodic job is still running when its next run is due; that
+    # is the intended coalescing under load, not a fault.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 

@@ -23,6 +23,9 @@ def dataset_gray(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded pixels of a dataset as a 2-D array, MONOCHROME1 inverted so air is dark."""
     if "PixelData" not in ds:
         raise UnusableImage("no pixel data")
+    bits_stored = int(ds.get("BitsStored", 8) or 0)
+    if bits_stored < 6:
+        raise UnusableImage(f"BitsStored {bits_stored}: too few gray levels for a radiograph")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise UnusableImage(f"{frames} frames: only single-frame radiographs are analysed")

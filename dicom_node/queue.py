@@ -122,6 +122,12 @@ class Queue:
             self._finish(sop_uid, "done", None, decided_by, opacity_pct)(db)
         self._transaction(statements)
 
+    def requeue(self, sop_uid: str, reason: str) -> None:
+        """processing -> queued, keeping why (e.g. the disk filled up during the job)."""
+        self._transaction(lambda db: db.execute(
+            "UPDATE instances SET state = 'queued', reason = ?, updated_at = ? WHERE sop_uid = ?",
+            (reason, time.time(), sop_uid)))
+
     def retry_failed(self, sop_uid: str | None = None) -> int:
         """failed -> queued (all failed instances, or one)."""
         where, args = ("AND sop_uid = ?", (sop_uid,)) if sop_uid else ("", ())

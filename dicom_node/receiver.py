@@ -5,14 +5,17 @@ committed. Non-chest or non-image objects are accepted too (the worker records t
 """
 from __future__ import annotations
 
+import ssl
+import tempfile
+
 import pydicom
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
                          JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import Config
+from dicom_node.config import Config, TLSSettings
 from dicom_node.logs import log
 from dicom_node.metrics import RECEIVED
 from dicom_node.queue import Queue
@@ -22,7 +25,39 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExp
                      JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
                      JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless]
 OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+
+def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str) -> tuple[int, str] | None:
+    """A DIMSE error status and its reason when the data set contradicts its C-STORE request or
+    lacks what every result needs; None when it can be kept."""
+    try:
+        own_uid, own_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+        study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+    except Exception as error:  # pydicom parses lazily; a broken element raises on first access
+        return CANNOT_UNDERSTAND, f"data set cannot be parsed: {error}"
+    if own_uid != sop_uid:
+        return CANNOT_UNDERSTAND, "SOP Instance UID in the data set differs from the request" if own_uid \
+            else "data set has no SOP Instance UID"
+    if own_class != sop_class:
+        return DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID in the data set differs from the request" if own_class \
+            else "data set has no SOP Class UID"
+    if not study or not series:
+        return DOES_NOT_MATCH_SOP_CLASS, "data set has no Study or Series Instance UID"
+    return None
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """Server side of DICOM TLS (PS3.15 B.1): TLS 1.2 or later, our certificate, and client
+    certificates verified against the configured CAs when they are required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates:
+        context.load_verify_locations(tls.ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return context
 
 
 class Receiver:
@@ -47,30 +82,33 @@ class Receiver:
             RECEIVED.labels("duplicate").inc()
             log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
             return 0x0000
+        received = event.dataset_path  # pynetdicom streamed the data set into the spool's incoming folder
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as error:  # pynetdicom raises various types for broken streams
-            RECEIVED.labels("undecodable").inc()
-            log("refused: dataset cannot be read", 30, uid=uid, calling_ae=calling, error=str(error)[:200])
-            return CANNOT_UNDERSTAND
+            ds = pydicom.dcmread(received, stop_before_pixels=True)
+            problem = check_dataset(ds, str(event.request.AffectedSOPClassUID), uid)
+        except Exception as error:  # pydicom raises various types for broken streams
+            problem = CANNOT_UNDERSTAND, f"data set cannot be read: {str(error)[:200]}"
+        if problem:
+            RECEIVED.labels("invalid").inc()
+            log("refused: " + problem[1], 30, uid=uid, calling_ae=calling, status=f"0x{problem[0]:04X}")
+            return problem[0]
         try:
-            Spool.write(path, data)
+            Spool.commit(received, path)
         except OSError as error:  # disk full between the watermark check and the write
             RECEIVED.labels("out_of_resources").inc()
             log("refused: spool write failed", 40, uid=uid, calling_ae=calling, error=error.strerror)
             return OUT_OF_RESOURCES
-        study = series = ""
-        try:
-            ds = event.dataset
-            study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
-        except Exception:  # kept and recorded: the worker gives the precise reason
-            pass
+        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         self.queue.record_received(uid, study, series, str(event.request.AffectedSOPClassUID), calling, path)
         RECEIVED.labels("accepted").inc()
         log("instance received", uid=uid, study_uid=study, calling_ae=calling)
         return 0x0000
 
     def start(self) -> None:
+        # Data sets stream to a file as they arrive (no copy held in memory per association); the
+        # file is created in the spool's incoming folder so that accepting it is a rename.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.incoming)
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.config.network_timeout
@@ -81,8 +119,10 @@ class Receiver:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
-        self.server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
-        log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port)
+        self.server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers,
+                                      ssl_context=tls_context(self.config.tls) if self.config.tls else None)
+        log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port,
+            tls=bool(self.config.tls))
 
     @staticmethod
     def _rejected(event) -> None:

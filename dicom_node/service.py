@@ -15,7 +15,7 @@ from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
-from model.infer import load_pipeline, read_manifest
+from model.infer import choose_providers, load_pipeline, read_manifest
 
 
 def algorithm_identity() -> Algorithm:
@@ -41,7 +41,7 @@ def serve(config: Config) -> int:
     algorithm = algorithm_identity()
     stop = threading.Event()
     workers = [threading.Thread(target=Worker(queue, spool, pipeline, algorithm, [d.name for d in config.destinations],
-                                              config.results_dir).run, args=(stop,), name=f"worker-{i}")
+                                              config.results_dir, config.min_free_mb).run, args=(stop,), name=f"worker-{i}")
                for i in range(config.workers)]
     for thread in workers:
         thread.start()
@@ -55,7 +55,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     notify("READY=1")
-    log("ready", model=algorithm.version)
+    log("ready", model=algorithm.version, onnx_providers=choose_providers(list(config.providers)))
     stop.wait()
     notify("STOPPING=1")
     log("stopping: no new associations, finishing the current jobs")

@@ -1,7 +1,9 @@
 """Durable files: write to a temporary name, fsync, rename, fsync the folder.
 
-After `write` returns, the file survives a crash or power loss with its full content; a crash
-before that leaves only a temporary file, which `clean_temporary` removes at start-up.
+After `write` or `commit` returns, the file survives a crash or power loss with its full content;
+a crash before that leaves only a temporary file, which `clean_temporary` removes at start-up.
+Incoming C-STORE data sets stream into `incoming/` (same file system) and are renamed into
+`inputs/` once accepted, so received bytes are written once and never copied.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
 class Spool:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.incoming = self.root / "incoming"
         self.inputs = self.root / "inputs"
         self.results = self.root / "results-spool"
-        for folder in (self.inputs, self.results):
+        for folder in (self.incoming, self.inputs, self.results):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @staticmethod
@@ -41,24 +44,32 @@ class Spool:
             view = memoryview(data)
             while view:
                 view = view[os.write(descriptor, view):]
-            os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        return Spool.commit(temporary, path)
+
+    @staticmethod
+    def commit(written: Path, path: Path) -> Path:
+        """Make a fully written file durable under its final name."""
+        _fsync(written)
+        os.replace(written, path)
+        _fsync(path.parent)
         return path
 
     def clean_temporary(self) -> int:
-        removed = 0
-        for folder in (self.inputs, self.results):
-            for leftover in folder.glob(".tmp-*"):
-                leftover.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        """Remove what a crash left half written; never called while receiving."""
+        leftovers = [*self.incoming.iterdir(), *self.inputs.glob(".tmp-*"), *self.results.glob(".tmp-*")]
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        return len(leftovers)
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 2**20
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

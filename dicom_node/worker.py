@@ -1,7 +1,10 @@
 """Queued instance -> filter -> pixels -> models -> SEG + SR, durably written and queued for sending."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import sqlite3
 import threading
 import time
 from datetime import datetime
@@ -29,9 +32,9 @@ def encode(ds: pydicom.Dataset) -> bytes:
 
 class Worker:
     def __init__(self, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
-                 destinations: list[str], results_dir: Path):
+                 destinations: list[str], results_dir: Path, min_free_mb: float = 0):
         self.queue, self.spool, self.pipeline, self.algorithm = queue, spool, pipeline, algorithm
-        self.destinations, self.results_dir = destinations, Path(results_dir)
+        self.destinations, self.results_dir, self.min_free_mb = destinations, Path(results_dir), min_free_mb
 
     def process(self, job: dict) -> str:
         """Finish one claimed job; returns its final state. Never raises: a failure is recorded."""
@@ -44,10 +47,15 @@ class Worker:
             self.queue.fail(uid, f"unusable image: {error}")
             log("instance failed", uid=uid, reason=str(error))
         except Exception as error:  # one bad image must not stop the others; the reason is kept
-            state = "failed"
-            reason = f"{type(error).__name__}: {error}"[:500]
-            self.queue.fail(uid, reason)
-            log("instance failed", 40, uid=uid, reason=reason)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                state = "queued"  # the disk filled up under us: not the image's fault, try again later
+                self.queue.requeue(uid, f"disk full: {error.strerror}")
+                log("disk full while writing results; job put back in the queue", 40, uid=uid)
+            else:
+                state = "failed"
+                reason = f"{type(error).__name__}: {error}"[:500]
+                self.queue.fail(uid, reason)
+                log("instance failed", 40, uid=uid, reason=reason)
         PROCESSED.labels(state).inc()
         PROCESSING_SECONDS.observe(time.perf_counter() - started)
         return state
@@ -60,6 +68,8 @@ class Worker:
         if decision.frontal_chest is False:
             return self._skip(uid, decision)
         seg = self.pipeline.segment(dataset_gray(ds))
+        if seg.lung_area_px == 0:
+            return self._skip(uid, chest_filter.Decision(False, "the lung model found no lung", "image"))
         if decision.frontal_chest is None:
             decision = chest_filter.by_image(seg)
             if not decision.frontal_chest:
@@ -90,8 +100,19 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            if self.spool.free_mb() < self.min_free_mb:  # results need room too; wait for it
+                stop.wait(1)
+                continue
             job = self.queue.claim_next()
             if job is None:
                 stop.wait(0.2)
                 continue
-            self.process(job)
+            try:
+                self.process(job)
+            except sqlite3.Error as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
+                log("queue write failed; the job goes back to the queue once it can be written", 40,
+                    uid=job["sop_uid"], error=str(error))
+                while not stop.wait(1):
+                    with contextlib.suppress(sqlite3.Error):
+                        self.queue.requeue(job["sop_uid"], f"queue write failed: {error}")
+                        break

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -114,7 +115,7 @@ class Node:
         lines = []
         for section, values in (("node", node), ("storage", storage), ("processing", processing),
                                 ("retry", {"initial_seconds": 0.5, "max_seconds": 2}),
-                                ("health", {"port": self.health_port})):
+                                ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {}))):
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for name, orthanc in self.destinations:
@@ -126,9 +127,11 @@ class Node:
     def start(self) -> "Node":
         self.write_config()
         self.log_path = self.folder / "node.log"
+        offset = len(self.log())  # a restart appends to the same log
         self.process = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
                                         cwd=REPO, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: '"event": "ready"' in self.log() or self.process.poll() is not None, 120, what="node ready")
+        wait_for(lambda: '"event": "ready"' in self.log()[offset:] or self.process.poll() is not None, 120,
+                 what="node ready")
         assert self.process.poll() is None, self.log()[-3000:]
         return self
 
@@ -138,6 +141,36 @@ class Node:
     def stop(self) -> None:
         if self.process:
             stop_process(self.process, 90)
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, nothing is flushed or closed."""
+        self.process.kill()
+        self.process.wait()
+
+    def peak_rss_mb(self) -> float:
+        """High-water mark of the node's resident memory (VmHWM), while it runs."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    def instance(self, sop_uid: str) -> dict | None:
+        """The queue row of one instance, read straight from SQLite."""
+        db = sqlite3.connect(f"file:{self.folder / 'state' / 'queue.sqlite3'}?mode=ro", uri=True, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            row = db.execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        finally:
+            db.close()
+        return dict(row) if row else None
+
+    def queue_counts(self) -> dict:
+        """Counts read straight from the SQLite queue (fast; works while the node is down)."""
+        db = sqlite3.connect(f"file:{self.folder / 'state' / 'queue.sqlite3'}?mode=ro", uri=True, timeout=30)
+        try:
+            counts = {f"instances.{state}": n for state, n in db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state")}
+            counts.update({f"results.{state}": n for state, n in db.execute("SELECT state, COUNT(*) FROM results GROUP BY state")})
+        finally:
+            db.close()
+        return counts
 
     def cli(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args, "--config", str(self.config_path)],
@@ -165,8 +198,46 @@ def dcmsend(port: int, files, calling_aet: str = "DCMSEND", called_aet: str = "C
                           env={**os.environ, "TCP_NODELAY": "1"})
 
 
+def dcmsend_report(port: int, files, report: Path, calling_aet: str = "DCMSEND") -> dict[str, str]:
+    """Push files with dcmsend and return {SOP Instance UID: DIMSE status} from its report file
+    ("0x0000" for success); files that were never answered are missing."""
+    subprocess.run(["dcmsend", "-aet", calling_aet, "-aec", "CXR_NODE", "--create-report-file", str(report),
+                    "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True, timeout=600,
+                   env={**os.environ, "TCP_NODELAY": "1"})
+    statuses, uid = {}, None
+    for line in report.read_text(errors="replace").splitlines() if report.exists() else []:
+        if line.startswith("SOP Instance"):
+            uid = line.split(":", 1)[1].strip()
+        elif line.startswith("DIMSE Status") and uid:
+            statuses[uid] = line.split(":", 1)[1].strip().split()[0] if line.split(":", 1)[1].strip() else ""
+    return statuses
+
+
 def storescu(port: int, files, calling_aet: str = "STORESCU", called_aet: str = "CXR_NODE",
              *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(["storescu", "-v", "-R", "-aet", calling_aet, "-aec", called_aet, *extra, "127.0.0.1", str(port),
                            *map(str, files)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def chest_copies(sources, count: int, folder: Path, per_study: int = 4, size: int | None = None) -> list[Path]:
+    """`count` new instances made from real radiographs: new SOP, series and study UIDs (`per_study`
+    images per study), optionally resized to `size` pixels square and stored uncompressed."""
+    import cv2
+    import pydicom
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets = [pydicom.dcmread(path) for path in sources]
+    if size:
+        for ds in datasets:
+            pixels = cv2.resize(ds.pixel_array, (size, size), interpolation=cv2.INTER_AREA)
+            ds.PixelData, ds.Rows, ds.Columns = pixels.tobytes(), size, size
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    files = []
+    for index in range(count):
+        ds = datasets[index % len(datasets)]
+        if index % per_study == 0:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        files.append(folder / f"{index:04d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files

@@ -84,3 +84,12 @@ def test_systemd_unit_verifies(tmp_path):
     copy.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(executable)))
     result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def test_onnx_providers_skip_what_is_not_installed_and_keep_the_cpu_last():
+    import onnxruntime as ort
+
+    from model.infer import choose_providers
+    chosen = choose_providers(["CUDAExecutionProvider", "NoSuchExecutionProvider", "CPUExecutionProvider"])
+    assert chosen[-1] == "CPUExecutionProvider" and "NoSuchExecutionProvider" not in chosen
+    assert ("CUDAExecutionProvider" in chosen) == ("CUDAExecutionProvider" in ort.get_available_providers())

@@ -1,0 +1,100 @@
+"""Run the fault, bad-input, load and security tests and write docs/RELIABILITY.md from what they
+observed (each test appends its rows to a JSON-lines log).
+
+    .venv/bin/python benchmarks/reliability.py      # about 15 minutes on 2 cores; needs what .ci/run installs
+The tests are the same ones `.ci/run` runs; this only collects their observations into tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_faults.py", "tests/test_bad_input.py", "tests/test_load.py", "tests/test_security.py"]
+COUNTS = ("sent", "accepted", "delivered", "lost", "duplicated")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory_gib:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(key, "")).replace("|", "/") for _, key in columns) + " |")
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], outcome: int) -> str:
+    by = {name: [r for r in rows if r["table"] == name] for name in ("faults", "load", "bad_input", "security")}
+    for row in by["bad_input"] + by["security"]:
+        row["result"] = "as expected" if row.get("ok") else "**NOT as expected**"
+    counted = [r for r in by["faults"] + by["load"] if "sent" in r]
+    totals = {key: sum(r[key] for r in counted) for key in COUNTS}
+    rss = max((r["peak_rss_mb"] for r in by["load"] if "peak_rss_mb" in r), default="-")
+    for row in by["faults"]:
+        if "moments" in row:
+            row["observed"] = "killed during: " + ", ".join(row["moments"]) + "; " + row["note"]
+    return f"""# Reliability
+
+Generated on {date.today()} by `.venv/bin/python benchmarks/reliability.py` (pytest exit code {outcome}) on
+{machine()}. Every row is written by a test that runs in `.ci/run` with real parts: the `cxr-node` process,
+Orthanc as the PACS, DCMTK `dcmsend`/`storescu` as senders (pynetdicom for byte-level broken inputs).
+
+**Totals over the fault and load runs: {totals['sent']} instances sent, {totals['accepted']} accepted,
+{totals['delivered']} delivered with one SEG and one SR each, {totals['lost']} lost, {totals['duplicated']}
+duplicated.** Peak RSS under load: {rss} MB.
+
+"Lost" counts accepted instances without exactly one SEG and one SR in Orthanc; "duplicated" counts those
+with more than one. Result UIDs are derived from the source UID and the model version, so a result re-sent
+after a crash (at-least-once delivery) is the same object and the PACS keeps one copy.
+
+## Faults
+
+{table(by["faults"], [("fault", "case"), ("expected", "expected"), ("observed", "observed")] + [(c, c) for c in COUNTS])}
+
+## Load
+
+{table(by["load"], [("case", "case"), ("sent", "sent"), ("accepted", "accepted"), ("delivered", "delivered"),
+                    ("lost", "lost"), ("duplicated", "duplicated"), ("peak RSS (MB)", "peak_rss_mb"),
+                    ("all received (s)", "received_s"), ("all delivered (s)", "all_delivered_s"),
+                    ("expected", "expected"), ("observed", "observed")])}
+
+## Bad input ({len(by["bad_input"])} cases, each followed by a good image)
+
+Expected outcomes: a DIMSE status to the sender (`0xA900` data set does not match the SOP class, `0xC000`
+cannot understand), an association refusal, or the state the queue records (`cxr-node status --uid`) with
+the words its reason must contain.
+
+{table(by["bad_input"], [("input", "case"), ("expected", "expected"), ("observed", "observed"), ("", "result")])}
+
+## Security
+
+{table(by["security"], [("check", "case"), ("expected", "expected"), ("observed", "observed"), ("", "result")])}
+
+The log of the bad-input run, which includes UTF-8, Latin-1 and malformed patient names, an ID and a birth
+date, is searched for each of those values: none appears (`test_logs_hold_no_patient_names_ids_or_birth_dates`).
+"""
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "observations.jsonl"
+        outcome = subprocess.run([sys.executable, "-m", "pytest", "-q", *TESTS], cwd=REPO,
+                                 env={**os.environ, "CXR_RELIABILITY_LOG": str(log)}).returncode
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    (REPO / "docs" / "RELIABILITY.md").write_text(render(rows, outcome))
+    print(f"wrote docs/RELIABILITY.md from {len(rows)} observations (pytest exit code {outcome})")
+    return outcome
+
+
+if __name__ == "__main__":
+    sys.exit(main())
