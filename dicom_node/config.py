@@ -46,6 +46,7 @@ class Config:
     workers: int
     onnx_threads: int
     providers: tuple[str, ...]
+    secondary_capture: bool
     destinations: tuple[Destination, ...]
     retry_initial_seconds: float
     retry_max_seconds: float
@@ -81,6 +82,12 @@ def _number(section: dict, key: str, path: str, kind=int, minimum=0):
     if value < minimum:
         raise ConfigError(f"{path}.{key}: must be >= {minimum}, got {value}")
     return kind(value)
+
+
+def _flag(section: dict, key: str, path: str) -> bool:
+    if not isinstance(section[key], bool):
+        raise ConfigError(f"{path}.{key}: expected true or false, got {section[key]!r}")
+    return section[key]
 
 
 def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
@@ -149,7 +156,8 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         stable_seconds=_number(processing, "stable_seconds", "processing", float),
         workers=_number(processing, "workers", "processing", minimum=1),
         onnx_threads=_number(processing, "onnx_threads", "processing", minimum=1),
-        providers=tuple(providers), destinations=tuple(destinations),
+        providers=tuple(providers), secondary_capture=_flag(raw["outputs"], "secondary_capture", "outputs"),
+        destinations=tuple(destinations),
         retry_initial_seconds=_number(raw["retry"], "initial_seconds", "retry", float, 0.1),
         retry_max_seconds=_number(raw["retry"], "max_seconds", "retry", float, 0.1),
         retention_days=_number(raw["retention"], "days", "retention", float),

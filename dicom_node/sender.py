@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pynetdicom import AE
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, EnhancedSRStorage, SegmentationStorage,
-                                  Verification)
+from pynetdicom.sop_class import (Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage,
+                                  SegmentationStorage, Verification)
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.config import Config, Destination
@@ -14,7 +14,7 @@ from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
 from dicom_node.queue import Queue
 
-RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, EnhancedSRStorage)
+RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage)
 
 
 def _client_ae(ae_title: str, network_timeout: float) -> AE:

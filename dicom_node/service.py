@@ -41,7 +41,7 @@ def serve(config: Config) -> int:
     algorithm = algorithm_identity()
     stop = threading.Event()
     workers = [threading.Thread(target=Worker(queue, spool, pipeline, algorithm, [d.name for d in config.destinations],
-                                              config.results_dir, config.min_free_mb).run, args=(stop,), name=f"worker-{i}")
+                                              config.results_dir, config.min_free_mb, config.secondary_capture).run, args=(stop,), name=f"worker-{i}")
                for i in range(config.workers)]
     for thread in workers:
         thread.start()

@@ -16,6 +16,7 @@ from dicom_node import filter as chest_filter
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
 from dicom_node.outputs import Algorithm, no_patient_data_in_warnings, prepare_source
+from dicom_node.outputs.capture import build_capture
 from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
@@ -32,9 +33,10 @@ def encode(ds: pydicom.Dataset) -> bytes:
 
 class Worker:
     def __init__(self, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
-                 destinations: list[str], results_dir: Path, min_free_mb: float = 0):
+                 destinations: list[str], results_dir: Path, min_free_mb: float = 0, secondary_capture: bool = False):
         self.queue, self.spool, self.pipeline, self.algorithm = queue, spool, pipeline, algorithm
         self.destinations, self.results_dir, self.min_free_mb = destinations, Path(results_dir), min_free_mb
+        self.secondary_capture = secondary_capture
 
     def process(self, job: dict) -> str:
         """Finish one claimed job; returns its final state. Never raises: a failure is recorded."""
@@ -67,7 +69,8 @@ class Worker:
         decision = chest_filter.by_tags(ds)
         if decision.frontal_chest is False:
             return self._skip(uid, decision)
-        seg = self.pipeline.segment(dataset_gray(ds))
+        gray = dataset_gray(ds)
+        seg = self.pipeline.segment(gray)
         if seg.lung_area_px == 0:
             return self._skip(uid, chest_filter.Decision(False, "the lung model found no lung", "image"))
         if decision.frontal_chest is None:
@@ -78,8 +81,11 @@ class Worker:
         with no_patient_data_in_warnings():
             segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
             report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
+            outputs = [("SEG", segmentation), ("SR", report)]
+            if self.secondary_capture:
+                outputs.append(("SC", build_capture(source, gray, seg, self.algorithm, analysis_started)))
         results = []
-        for kind, result in (("SEG", segmentation), ("SR", report)):
+        for kind, result in outputs:
             if self.destinations:
                 path = self.spool.result_path(result.SOPInstanceUID)
             else:  # no PACS configured: the results folder is the delivery

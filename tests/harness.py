@@ -45,8 +45,10 @@ def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
 class Orthanc:
     """Orthanc on loopback with its own database folder; the PACS the node sends to."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None):
-        self.folder, self.aet = Path(folder), aet
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
+
+    def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None, dicomweb: bool = False):
+        self.folder, self.aet, self.dicomweb = Path(folder), aet, dicomweb
         self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
         self.process = None
 
@@ -56,7 +58,8 @@ class Orthanc:
                   "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
                   "HttpBindAddress": "127.0.0.1", "DicomBindAddress": "127.0.0.1", "RemoteAccessAllowed": False,
                   "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
-                  "Plugins": []}
+                  "Plugins": [self.DICOMWEB_PLUGIN] if self.dicomweb else [],
+                  "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"}}
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")],
                                         stdout=open(self.folder / "orthanc.log", "ab"), stderr=subprocess.STDOUT)
@@ -115,7 +118,8 @@ class Node:
         lines = []
         for section, values in (("node", node), ("storage", storage), ("processing", processing),
                                 ("retry", {"initial_seconds": 0.5, "max_seconds": 2}),
-                                ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {}))):
+                                ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {})),
+                                ("outputs", self.settings.get("outputs", {}))):
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for name, orthanc in self.destinations:

@@ -234,3 +234,25 @@ def test_without_destinations_results_are_written_to_the_results_folder(tmp_path
         assert {pydicom.dcmread(p).Modality for p in written} == {"SEG", "SR"}
     finally:
         node.stop()
+
+
+def test_optional_secondary_capture_shows_the_outlines_for_pacs_without_seg(tmp_path, inputs):
+    node = Node(tmp_path / "node", outputs={"secondary_capture": True}).start()
+    try:
+        assert dcmsend(node.port, [inputs["extra"][1]]).returncode == 0  # the CR radiograph, uncompressed
+        wait_for(lambda: node.status()["results"]["written"] == 3, 90, what="SEG, SR and SC written")
+    finally:
+        node.stop()
+    written = {ds.SOPClassUID: ds for ds in map(pydicom.dcmread, (tmp_path / "node" / "state" / "results").rglob("*.dcm"))}
+    capture, seg_ds = written[pydicom.uid.SecondaryCaptureImageStorage], written[SegmentationStorage]
+    source = pydicom.dcmread(inputs["extra"][1], stop_before_pixels=True)
+    assert capture.BurnedInAnnotation == "YES"
+    assert list(capture.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "NOT FOR PRIMARY DIAGNOSIS" in capture.DerivationDescription
+    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert dciodvfy_errors(capture, tmp_path) == []
+    rgb = capture.pixel_array.astype(int)
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 60
+    lungs = hd.seg.Segmentation.from_dataset(seg_ds).get_pixels_by_source_instance(
+        [source.SOPInstanceUID], segment_numbers=[1, 2])[0].any(axis=-1)
+    outline = coloured & ~np.pad(coloured[:200], ((0, rgb.shape[0] - 200), (0, 0)))  # below the burned-in text
+    assert outline.sum() > 1000 and (outline & lungs).sum() > 0.3 * outline.sum()  # lines along the lung edges

@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, RIGHT_LUNG, Algorithm, derived_uid)
+from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, RIGHT_LUNG, Algorithm, derived_uid,
+                                pixel_spacing_mm)
 from model.infer import Segmentation
 from model.lungs import LEFT, RIGHT
 
@@ -50,10 +51,16 @@ def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Al
         contributing_equipment=[algorithm.contributing_equipment(started)])
     result.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C: copied, else empty
     if "FrameOfReferenceUID" not in source:
-        # A projection radiograph has no patient space: highdicom copies its PixelSpacing into a
-        # Pixel Measures item without SliceThickness, which its own reader then refuses.
-        for group in result.SharedFunctionalGroupsSequence:
-            if "PixelMeasuresSequence" in group:
-                del group.PixelMeasuresSequence
+        # A projection radiograph has no patient space, so these shared groups are optional here, but
+        # OHIF's SEG loader reads Pixel Measures and an in-plane orientation (identity: the SEG's rows
+        # and columns are the source image's), and highdicom's reader needs PixelSpacing and
+        # SliceThickness. The spacing is the source's (1 mm placeholder when unknown; the SR then
+        # reports pixels).
+        measures, orientation, shared = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+        measures.PixelSpacing = list(pixel_spacing_mm(source) or (1.0, 1.0))
+        measures.SliceThickness = 1.0
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+        result.SharedFunctionalGroupsSequence = [shared]
     result.ContentDate, result.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
     return result
