@@ -16,7 +16,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -26,9 +25,6 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from dicom_node.outputs.seg import build_segmentation  # noqa: E402
-from dicom_node.outputs.sr import build_report  # noqa: E402
-from dicom_node.pixels import dataset_gray  # noqa: E402
 from dicom_node.queue import Queue  # noqa: E402
 from dicom_node.service import algorithm_identity  # noqa: E402
 from dicom_node.spool import Spool  # noqa: E402

@@ -4,7 +4,6 @@ recorded state (done / skipped / failed) with its reason. A good image follows e
 all of those must be analysed and delivered: the node stays up and keeps working."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless,
+from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, JPEG2000Lossless,
                          ImplicitVRLittleEndian, generate_uid)
 from pynetdicom import AE, _config
 

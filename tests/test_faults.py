@@ -165,7 +165,7 @@ def test_disk_at_the_watermark_refuses_new_instances_and_keeps_the_spooled_ones(
     lost, duplicated = delivery(pacs, uids(files))
     record("faults", case="disk below the watermark (64 MiB tmpfs filled to 12 MB free, watermark 24 MB)",
            expected="new instances 0xA700, /healthz 503, spooled ones intact and processed when space returns",
-           observed=f"3 of 3 refused with 0xA700 and /healthz 503; 6 spooled intact, none failed; after freeing space all 9 delivered",
+           observed="3 of 3 refused with 0xA700 and /healthz 503; 6 spooled intact, none failed; after freeing space all 9 delivered",
            sent=12, accepted=9, delivered=9 - lost, lost=lost, duplicated=duplicated)
     assert (lost, duplicated) == (0, 0)
 

@@ -60,6 +60,6 @@ def test_association_beyond_the_limit_is_refused(tmp_path, dicom_dir, record):
     output = extra.stdout + extra.stderr
     record("load", case="4th association while 3 are open (max_associations 3)",
            expected="A-ASSOCIATE-RJ transient, local limit exceeded; accepted again once one is released",
-           observed=next((line for line in output.splitlines() if "Reason" in line or "Rejected" in line), output[-200:]))
-    assert extra.returncode != 0 and "Association Rejected" in output and "Local-limit-exceeded" in output.replace(" ", "-")
+           observed="; ".join(line[3:] for line in output.splitlines() if "Result:" in line or "Reason:" in line))
+    assert extra.returncode != 0 and "Rejected Transient" in output and "Reason: Local Limit Exceeded" in output
     assert len(released) == 3 and after.returncode == 0

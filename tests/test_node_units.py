@@ -26,6 +26,9 @@ def test_embedded_defaults_load():
     ("[node]\nprot = 104\n", "node.prot"),
     ("[[destinations]]\nname = \"pacs\"\nhost = \"h\"\nport = 104\n", "ae_title"),
     ("[logging]\nlevel = \"LOUD\"\n", "logging.level"),
+    ("[tls]\nenabled = true\n", "tls.certificate"),
+    ("[tls]\nenabled = true\ncertificate = \"/no/such.pem\"\n", "tls.certificate"),
+    ("[outputs]\nsecondary_capture = \"yes\"\n", "outputs.secondary_capture"),
     ("not toml at all [", "not valid TOML"),
 ])
 def test_invalid_settings_are_named(tmp_path, text, message):

@@ -161,8 +161,11 @@ def test_ohif_lists_the_seg_and_draws_its_overlay_on_the_radiograph(processed_st
         viewport = {"x": 300, "y": 60, "width": 1050, "height": 820}  # the image area, right of the study panel
         before = page.screenshot(clip=viewport)
         page.get_by_text("AI lung and opacity", exact=False).first.dblclick()  # open the SEG series
-        after = wait_for(lambda: (shot := page.screenshot(clip=viewport)) if colour_fraction(shot) > 0.01 else None,
-                         90, 1, "the SEG overlay to be drawn")
+
+        def overlay_drawn() -> bytes | None:
+            shot = page.screenshot(clip=viewport)
+            return shot if colour_fraction(shot) > 0.01 else None
+        after = wait_for(overlay_drawn, 90, 1, "the SEG overlay to be drawn")
         page.screenshot(path=str(shots / "ohif-with-seg.png"))
         seg_listed = listed.count()
         browser.close()
