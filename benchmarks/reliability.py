@@ -29,7 +29,8 @@ def machine() -> str:
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(key, "")).replace("|", "/") for _, key in columns) + " |")
+        cells = (" ".join(str(row.get(key, "")).split()).replace("|", "/") for _, key in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -39,6 +40,7 @@ def render(rows: list[dict], outcome: int) -> str:
         row["result"] = "as expected" if row.get("ok") else "**NOT as expected**"
     counted = [r for r in by["faults"] + by["load"] if "sent" in r]
     totals = {key: sum(r[key] for r in counted) for key in COUNTS}
+    failed = totals["accepted"] - totals["delivered"] - totals["lost"]
     rss = max((r["peak_rss_mb"] for r in by["load"] if "peak_rss_mb" in r), default="-")
     for row in by["faults"]:
         if "moments" in row:
@@ -51,7 +53,9 @@ Orthanc as the PACS, DCMTK `dcmsend`/`storescu` as senders (pynetdicom for byte-
 
 **Totals over the fault and load runs: {totals['sent']} instances sent, {totals['accepted']} accepted,
 {totals['delivered']} delivered with one SEG and one SR each, {totals['lost']} lost, {totals['duplicated']}
-duplicated.** Peak RSS under load: {rss} MB.
+duplicated.** {failed} accepted on purpose as undecodable: recorded as failed with its reason, no result.
+Instances sent but not accepted were refused with 0xA700 at the disk watermark, then sent again and
+accepted. Peak RSS under load: {rss} MB.
 
 "Lost" counts accepted instances without exactly one SEG and one SR in Orthanc; "duplicated" counts those
 with more than one. Result UIDs are derived from the source UID and the model version, so a result re-sent

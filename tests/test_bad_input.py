@@ -260,7 +260,9 @@ def observed_outcome(corpus: dict, case: Case) -> str:
             return f"{answer}, {'one result' if len(results.get('SEG', [])) == len(results.get('SR', [])) == 1 else results}"
         return answer
     row = corpus["states"][case.name]
-    return f"{row['state']}: {row['reason']}" if row else f"{answer}, not recorded"
+    if not row:
+        return f"{answer}, not recorded"
+    return f"{row['state']}: {row['reason']}" if row["reason"] else row["state"]
 
 
 @pytest.mark.parametrize("case", cases(Path(".")), ids=lambda case: case.name)
