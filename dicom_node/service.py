@@ -40,9 +40,9 @@ def serve(config: Config) -> int:
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
     algorithm = algorithm_identity()
     stop = threading.Event()
-    workers = [threading.Thread(target=Worker(queue, spool, pipeline, algorithm, [d.name for d in config.destinations],
-                                              config.results_dir, config.min_free_mb, config.secondary_capture).run, args=(stop,), name=f"worker-{i}")
-               for i in range(config.workers)]
+    worker = Worker(queue, spool, pipeline, algorithm, [d.name for d in config.destinations], config.results_dir,
+                    config.min_free_mb, config.secondary_capture)  # stateless between jobs: threads share it
+    workers = [threading.Thread(target=worker.run, args=(stop,), name=f"worker-{i}") for i in range(config.workers)]
     for thread in workers:
         thread.start()
     receiver = Receiver(config, queue, spool)

@@ -25,7 +25,7 @@ OPACITY_SIZE = 320   # lung crop, the paper's input size
 LUNG_THRESHOLD = 0.3
 OPACITY_THRESHOLD = 0.5
 # Masks are worked out on the image scaled to at most this side, then scaled up: the models see
-# 256 and 320 px, so larger grids only cost time (3k images: 2.4 s -> see docs/PERFORMANCE.md).
+# 256 and 320 px, so larger grids only cost time (a 3k image's job: 2.4 s -> 1.4 s, docs/PERFORMANCE.md).
 WORKING_SIDE = 1024
 
 # A batch of (n, size, size, 1) float32 images in [0, 1] -> (n, size, size, channels) probabilities.

@@ -156,25 +156,23 @@ class Node:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
-    def instance(self, sop_uid: str) -> dict | None:
-        """The queue row of one instance, read straight from SQLite."""
+    def _read_queue(self, sql: str, args=()) -> list[sqlite3.Row]:
+        """Rows read straight from the node's SQLite queue (fast; works while the node is down)."""
         db = sqlite3.connect(f"file:{self.folder / 'state' / 'queue.sqlite3'}?mode=ro", uri=True, timeout=30)
         db.row_factory = sqlite3.Row
         try:
-            row = db.execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+            return db.execute(sql, args).fetchall()
         finally:
             db.close()
-        return dict(row) if row else None
+
+    def instance(self, sop_uid: str) -> dict | None:
+        rows = self._read_queue("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return dict(rows[0]) if rows else None
 
     def queue_counts(self) -> dict:
-        """Counts read straight from the SQLite queue (fast; works while the node is down)."""
-        db = sqlite3.connect(f"file:{self.folder / 'state' / 'queue.sqlite3'}?mode=ro", uri=True, timeout=30)
-        try:
-            counts = {f"instances.{state}": n for state, n in db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state")}
-            counts.update({f"results.{state}": n for state, n in db.execute("SELECT state, COUNT(*) FROM results GROUP BY state")})
-        finally:
-            db.close()
-        return counts
+        """{'instances.<state>': n, 'results.<state>': n} for the states that occur."""
+        return {f"{table}.{row['state']}": row["n"] for table in ("instances", "results")
+                for row in self._read_queue(f"SELECT state, COUNT(*) n FROM {table} GROUP BY state")}
 
     def cli(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args, "--config", str(self.config_path)],
@@ -213,7 +211,7 @@ def dcmsend_report(port: int, files, report: Path, calling_aet: str = "DCMSEND")
         if line.startswith("SOP Instance"):
             uid = line.split(":", 1)[1].strip()
         elif line.startswith("DIMSE Status") and uid:
-            statuses[uid] = line.split(":", 1)[1].strip().split()[0] if line.split(":", 1)[1].strip() else ""
+            statuses[uid] = (line.split(":", 1)[1].split() or [""])[0]
     return statuses
 
 
