@@ -93,19 +93,20 @@ def _flag(section: dict, key: str, path: str) -> bool:
 def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
     if not section["enabled"]:
         return None
-    files = {}
-    for key in ("certificate", "private_key", "ca_certificates"):
+    require_client = bool(section["require_client_certificate"])
+
+    def pem(key: str, needed: bool) -> Path | None:
         if not section[key]:
-            if key == "ca_certificates" and not section["require_client_certificate"]:
-                files[key] = None
-                continue
-            raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
-                              + (" and client certificates are required" if key == "ca_certificates" else ""))
-        files[key] = (base_dir / section[key]).resolve()
-        if not files[key].is_file():
-            raise ConfigError(f"tls.{key}: no such file {files[key]}")
-    return TLSSettings(files["certificate"], files["private_key"], files["ca_certificates"],
-                       bool(section["require_client_certificate"]))
+            if needed:
+                raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
+                                  + (" and client certificates are required" if key == "ca_certificates" else ""))
+            return None
+        path = (base_dir / section[key]).resolve()
+        if not path.is_file():
+            raise ConfigError(f"tls.{key}: no such file {path}")
+        return path
+    return TLSSettings(pem("certificate", True), pem("private_key", True), pem("ca_certificates", require_client),
+                       require_client)
 
 
 def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:

@@ -68,9 +68,10 @@ class Receiver:
     def handle_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
         uid = str(event.request.AffectedSOPInstanceUID or "")
-        if self.spool.free_mb() < self.config.min_free_mb:
+        free_mb = self.spool.free_mb()
+        if free_mb < self.config.min_free_mb:
             RECEIVED.labels("out_of_resources").inc()
-            log("refused: disk below watermark", 30, uid=uid, calling_ae=calling, free_mb=round(self.spool.free_mb()))
+            log("refused: disk below watermark", 30, uid=uid, calling_ae=calling, free_mb=round(free_mb))
             return OUT_OF_RESOURCES
         try:
             path = self.spool.input_path(uid)

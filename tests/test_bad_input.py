@@ -79,7 +79,10 @@ def truncated_after_sop_uid(ds):
 
 def truncated(fraction: float):
     """The body of the data set cut short (the C-STORE still carries what is left)."""
-    return lambda ds: body_of(ds)[:int(len(body_of(ds)) * fraction)]
+    def make(ds):
+        body = body_of(ds)
+        return body[:int(len(body) * fraction)]
+    return make
 
 
 def odd_length(ds):
