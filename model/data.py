@@ -18,8 +18,6 @@ from model.lungs import split_right_left
 SPLIT_FILE = Path(__file__).parent / "split.csv"
 SUPERSAMPLE = 4  # polygon rasterisation grid per pixel
 IGNORE = 127  # V7 mask value for pacemakers, markup: excluded from losses and metrics
-# Extent score per lung 0-4 (none, <25, 25-50, 50-75, >75 % involved) -> fraction at the bin middle.
-EXTENT_FRACTIONS = np.array([0.0, 0.125, 0.375, 0.625, 0.875])
 
 
 @dataclass
@@ -34,13 +32,16 @@ class Record:
     extent: float | None           # geographic extent 0-8, both lungs
     brixia_zones: dict | None      # senior radiologist, zone letter -> 0..3
     brixia_global: float | None
+    brixia_junior_zones: dict | None = None  # junior radiologist, same scale
 
     @property
-    def opacity_fraction_from_extent(self) -> float | None:
-        """Extent score -> expected opacity fraction of the lungs (both lungs assumed alike)."""
+    def extent_interval(self) -> tuple[float, float] | None:
+        """Extent score (0-8, per lung 0 none, 1 <25 %, 2 25-50, 3 50-75, 4 >75 % involved) -> the
+        interval the opacity fraction of both lungs lies in, lungs weighted alike: each lung scored s
+        holds ((s-1)/4, s/4], so the sum e bounds the mean by ((e-2)/8, e/8]."""
         if self.extent is None:
             return None
-        return float(np.interp(self.extent / 2, np.arange(5), EXTENT_FRACTIONS))
+        return max(0.0, (self.extent - 2) / 8), self.extent / 8
 
 
 def _number(text: str | None) -> float | None:
@@ -52,13 +53,14 @@ def _number(text: str | None) -> float | None:
 
 def load_records(data_dir: Path) -> list[Record]:
     data_dir = Path(data_dir)
-    brixia = {}
+    brixia = {}  # (filename, "S" senior | "J" junior) -> zone letter -> score
     if (data_dir / "brixia-scores.csv").exists():
         with open(data_dir / "brixia-scores.csv") as handle:
             for row in csv.DictReader(handle):
-                zones = {z: _number(row.get(f"S-{z}")) for z in "ABCDEF"}
-                if all(v is not None for v in zones.values()):
-                    brixia[row["filename"]] = zones
+                for rater in "SJ":
+                    zones = {z: _number(row.get(f"{rater}-{z}")) for z in "ABCDEF"}
+                    if all(v is not None for v in zones.values()):
+                        brixia[row["filename"], rater] = zones
     records = []
     with open(data_dir / "images.csv") as handle:
         for row in csv.DictReader(handle):
@@ -77,28 +79,11 @@ def load_records(data_dir: Path) -> list[Record]:
                 lung_mask_path=path("lung_mask_v7"),
                 labelme_path=path("opacity_labelme", "opacity-labelme"),
                 extent=_number(row.get("severity_geographic_extent")),
-                brixia_zones=brixia.get(row["filename"]),
+                brixia_zones=brixia.get((row["filename"], "S")),
                 brixia_global=_number(row.get("brixia_senior_global")),
+                brixia_junior_zones=brixia.get((row["filename"], "J")),
             ))
     return records
-
-
-def read_gray(path: Path) -> np.ndarray:
-    """Any PNG/JPEG mode (gray, RGB, RGBA, palette, 16-bit) -> one uint8 gray channel."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"cannot read image {path}")
-    return image
-
-
-def normalize_gray(gray: np.ndarray) -> np.ndarray:
-    """Any bit depth -> uint8 with the 0.5-99.5 percentile range stretched to 0-255, so 8-bit photos
-    and 15-bit DICOM reach the models alike. Training and inference both use it."""
-    gray = gray.astype(np.float32)
-    low, high = np.percentile(gray, (0.5, 99.5))
-    if high <= low:
-        return np.zeros(gray.shape, np.uint8)
-    return np.round(np.clip((gray - low) / (high - low), 0, 1) * 255).astype(np.uint8)
 
 
 def read_lung_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -154,3 +139,24 @@ def read_split(path: Path = SPLIT_FILE) -> dict[str, str]:
     """filename -> split, from the committed split file."""
     with open(path) as handle:
         return {row["filename"]: row["split"] for row in csv.DictReader(handle)}
+
+
+@dataclass
+class QuexRecord:
+    """One row of covid-qu-ex/images.csv: a 256 px radiograph, its heart-excluded lung mask and, for
+    COVID-19 images, its infection mask (Normal images have none: true negatives)."""
+    filename: str
+    image_path: Path
+    lung_mask_path: Path
+    infection_mask_path: Path | None
+    cohen_filename: str | None  # the ../cxr image this row duplicates, if any
+
+
+def load_quex_records(quex_dir: Path) -> list[QuexRecord]:
+    quex_dir = Path(quex_dir)
+    with open(quex_dir / "images.csv") as handle:
+        return [QuexRecord(filename=row["filename"], image_path=quex_dir / "images" / row["filename"],
+                           lung_mask_path=quex_dir / row["lung_mask"],
+                           infection_mask_path=quex_dir / row["infection_mask"] if row["infection_mask"] else None,
+                           cohen_filename=row["cohen_filename"] or None)
+                for row in csv.DictReader(handle)]

@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from model.data import Record, load_records, read_gray, read_lung_labels, read_split, rasterize_labelme
+from model.data import Record, load_records, read_lung_labels, read_split, rasterize_labelme
+from model.image import read_gray
 from model.infer import Pipeline, Segmentation
-from model.lungs import LEFT, RIGHT
+from model.lungs import LEFT, RIGHT, ZONES
 from model.metrics import correlation, dice, overlap, roc_auc, segmentation_summary
 
 OVERLAY_SIZE = 640
@@ -26,7 +27,11 @@ def score_image(record: Record, seg: Segmentation) -> dict:
     """One image's figures against every annotation it has (no masks kept)."""
     row = {"filename": record.filename, "patient": record.patient, "opacity_pct": seg.opacity_pct,
            "extent": record.extent, "brixia_global": record.brixia_global,
-           "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", "")}
+           "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", ""),
+           "view": record.row.get("view", ""), "inverted": seg.inverted,
+           "zone_opacity_pct": dict(seg.zone_opacity_pct),
+           "brixia_zones": {rater: zones for rater, zones in (("senior", record.brixia_zones),
+                                                               ("junior", record.brixia_junior_zones)) if zones}}
     if record.lung_mask_path:
         truth, ignore = read_lung_labels(record.lung_mask_path)
         valid = ~ignore
@@ -59,25 +64,52 @@ def summarize(rows: list[dict]) -> dict:
         if paired:
             metrics[f"opacity_pct_vs_{score}"] = correlation([r["opacity_pct"] for r in paired],
                                                              [r[score] for r in paired])
+    metrics.update(zone_metrics(rows))
     metrics.update(outcome_aucs(rows))
     return metrics
 
 
+def zone_metrics(rows: list[dict]) -> dict:
+    """Brixia zones (A-F, thirds of each lung) against the predicted opacity % of the same zone: ROC AUC
+    for "zone score >= 1" per rater, pooled over zones and per zone; the median predicted opacity % in
+    zones both raters scored 0."""
+    result = {}
+    scored = [r for r in rows if r.get("brixia_zones")]
+    for rater in ("senior", "junior"):
+        pairs = [(r["zone_opacity_pct"][z], r["brixia_zones"][rater][z], z) for r in scored
+                 if rater in r["brixia_zones"] for z in ZONES]
+        if pairs:
+            result[f"zone_auc_{rater}"] = {"pooled": roc_auc([p for p, _, _ in pairs], [s >= 1 for _, s, _ in pairs])["auc"],
+                                           **{z: roc_auc([p for p, _, zz in pairs if zz == z],
+                                                         [s >= 1 for _, s, zz in pairs if zz == z])["auc"] for z in ZONES},
+                                           "zones": len(pairs)}
+    clean = [r["zone_opacity_pct"][z] for r in scored if len(r["brixia_zones"]) == 2 for z in ZONES
+             if r["brixia_zones"]["senior"][z] == 0 and r["brixia_zones"]["junior"][z] == 0]
+    if clean:
+        result["zones_scored_0_by_both"] = {"zones": len(clean), "median_opacity_pct": float(np.median(clean)),
+                                            "share_over_5_pct": float(np.mean(np.array(clean) > 5))}
+    return result
+
+
 def outcome_aucs(rows: list[dict]) -> dict:
     """Per patient (score = the patient's highest opacity % over their images): ROC AUC for ICU
-    admission (went_icu = Y) and death (survival = N); the extent score's own AUC beside it."""
+    admission (went_icu = Y) and death (survival = N); beside it the extent score's own AUC and that
+    of the projection alone (1 if any image is AP, bedside films being taken of the sickest)."""
     result = {}
     for outcome, column, positive in (("icu", "went_icu", "Y"), ("mortality", "survival", "N")):
         patients = {}
         for r in rows:
             if r[column] in ("Y", "N"):
-                entry = patients.setdefault(r["patient"], {"pct": [], "extent": [], "positive": False})
+                entry = patients.setdefault(r["patient"], {"pct": [], "extent": [], "positive": False, "ap": False})
                 entry["pct"].append(r["opacity_pct"])
                 entry["positive"] |= r[column] == positive
+                entry["ap"] |= r.get("view", "").upper().startswith("AP")
                 if r["extent"] is not None:
                     entry["extent"].append(r["extent"])
         result[f"auc_{outcome}_opacity_pct"] = roc_auc([max(p["pct"]) for p in patients.values()],
                                                        [p["positive"] for p in patients.values()])
+        result[f"auc_{outcome}_projection_ap"] = roc_auc([float(p["ap"]) for p in patients.values()],
+                                                         [p["positive"] for p in patients.values()])
         with_extent = [p for p in patients.values() if p["extent"]]
         result[f"auc_{outcome}_extent_score"] = roc_auc([max(p["extent"]) for p in with_extent],
                                                         [p["positive"] for p in with_extent])
@@ -87,7 +119,7 @@ def outcome_aucs(rows: list[dict]) -> dict:
 def overlay(gray: np.ndarray, seg: Segmentation, truth_opacity: np.ndarray | None = None) -> np.ndarray:
     """Image with lung outlines (green right, blue left), predicted opacity (red fill) and the
     annotators' opacity outline (yellow), downscaled to OVERLAY_SIZE on the long side."""
-    from model.data import normalize_gray
+    from model.image import normalize_gray
 
     scale = OVERLAY_SIZE / max(gray.shape)
     size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
@@ -112,7 +144,8 @@ def plot_curves(metrics: dict, rows: list[dict], out_dir: Path) -> None:
 
     for outcome, title in (("icu", "ICU admission"), ("mortality", "Mortality")):
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for key, label in ((f"auc_{outcome}_opacity_pct", "opacity %"), (f"auc_{outcome}_extent_score", "extent score")):
+        for key, label in ((f"auc_{outcome}_opacity_pct", "opacity %"), (f"auc_{outcome}_extent_score", "extent score"),
+                           (f"auc_{outcome}_projection_ap", "AP projection alone")):
             roc = metrics.get(key, {})
             if roc.get("auc") is not None:
                 ax.plot(roc["fpr"], roc["tpr"], label=f"{label}: AUC {roc['auc']:.3f} (n={roc['n']})")
@@ -146,8 +179,17 @@ def print_table(metrics: dict) -> None:
         c = metrics.get(f"opacity_pct_vs_{score}")
         if c and c["r2"] is not None:
             lines.append(f"opacity % vs {score} (n={c['n']}): r^2 {c['r2']:.3f}  Spearman {c['spearman_rho']:.3f}")
+    for rater in ("senior", "junior"):
+        z = metrics.get(f"zone_auc_{rater}")
+        if z and z["pooled"] is not None:
+            lines.append(f"zone AUC for score >= 1, {rater} (zones={z['zones']}): pooled {z['pooled']:.3f}; "
+                         + " ".join(f"{k} {z[k]:.2f}" for k in ZONES if z[k] is not None))
+    if "zones_scored_0_by_both" in metrics:
+        c = metrics["zones_scored_0_by_both"]
+        lines.append(f"zones both raters scored 0 (n={c['zones']}): median opacity {c['median_opacity_pct']:.2f} %, "
+                     f"{100 * c['share_over_5_pct']:.0f} % of them over 5 %")
     for outcome in ("icu", "mortality"):
-        for source in ("opacity_pct", "extent_score"):
+        for source in ("opacity_pct", "extent_score", "projection_ap"):
             roc = metrics.get(f"auc_{outcome}_{source}", {})
             if roc.get("auc") is not None:
                 lines.append(f"AUC {outcome} by {source} (patients={roc['n']}, positive={roc['positives']}): {roc['auc']:.3f}")
@@ -171,14 +213,22 @@ def evaluate(data_dir: Path, out_dir: Path, pipeline: Pipeline, split: str = "al
         if record.labelme_path or row.get("lung_dice", 1.0) < 0.85:
             truth = rasterize_labelme(record.labelme_path, gray.shape)["opacity"] if record.labelme_path else None
             cv2.imwrite(str(out_dir / "overlays" / f"{Path(record.filename).stem}.png"), overlay(gray, seg, truth))
+    return write_report(rows, out_dir, {"split": split, "model_version": pipeline.version})
+
+
+def write_report(rows: list[dict], out_dir: Path, about: dict) -> dict:
+    """metrics.json, per_image.csv (zone columns: predicted opacity % of Brixia zones A-F), ROC and
+    scatter PNGs, and the table on stdout."""
     metrics = summarize(rows)
-    metrics.update({"split": split, "model_version": pipeline.version})
+    metrics.update(about)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    zone_columns = [f"zone_{z}_opacity_pct" for z in ZONES]
     with open(out_dir / "per_image.csv", "w", newline="") as handle:
-        columns = ["filename", "patient", "opacity_pct", "lung_dice", "labelme_opacity_pct",
-                   "opacity_pct_abs_error", "extent", "brixia_global", "went_icu", "survival"]
+        columns = ["filename", "patient", "view", "inverted", "opacity_pct", *zone_columns, "lung_dice",
+                   "labelme_opacity_pct", "opacity_pct_abs_error", "extent", "brixia_global", "went_icu", "survival"]
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader(); writer.writerows(rows)
+        writer.writeheader()
+        writer.writerows(dict(r, **{c: r["zone_opacity_pct"][z] for c, z in zip(zone_columns, ZONES)}) for r in rows)
     plot_curves(metrics, rows, out_dir)
     print_table(metrics)
     return metrics

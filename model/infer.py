@@ -13,12 +13,17 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from model.data import normalize_gray
-from model.lungs import LEFT, RIGHT, ZONES, crop_box, split_right_left, zone_map
+from model.image import normalize_gray
+from model.lungs import LEFT, RIGHT, ZONE_NAMES, ZONES, crop_box, split_right_left, zone_map
+
+# The whole interface the node uses; lung labels and zone letters are part of what `segment` returns.
+__all__ = ["LEFT", "RIGHT", "ZONES", "ZONE_NAMES", "Segmentation", "Pipeline", "ModelInfo", "load_pipeline",
+           "read_manifest", "choose_providers"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# Input sizes of the shipped models (ONNX models carry their own; see model/training/recipe.py).
 LUNG_SIZE = 256      # whole image; lungs are large, and 256 keeps training feasible on 2 cores
-OPACITY_SIZE = 320   # lung crop, the paper's input size
+OPACITY_SIZE = 256   # lung crop
 # Lung pixels are kept from probability 0.3: chosen on the validation split (mean lung Dice 0.9487
 # at 0.5, 0.9511 at 0.3, 0.9510 at 0.25, 0.9504 at 0.4), because densely opaque lung gets lower
 # probabilities and would otherwise fall out of the lung field. Opacity keeps 0.5.
@@ -27,6 +32,11 @@ OPACITY_THRESHOLD = 0.5
 # Masks are worked out on the image scaled to at most this side, then scaled up: the models see
 # 256 and 320 px, so larger grids only cost time (a 3k image's job: 2.4 s -> 1.4 s, docs/PERFORMANCE.md).
 WORKING_SIDE = 1024
+# Lung confidence (mean lung probability over lung pixels) of a radiograph the right way round is
+# 0.94-0.95 on the DICOM test files and 0.77-0.86 on the same images inverted. Below this the image
+# is tried inverted too, and kept inverted when that is more confident: a MONOCHROME1/2 label that
+# contradicts the pixels must not give a silent garbage segmentation.
+POLARITY_CHECK_BELOW = 0.9
 
 # A batch of (n, size, size, 1) float32 images in [0, 1] -> (n, size, size, channels) probabilities.
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -39,6 +49,7 @@ class Segmentation:
     opacity: np.ndarray          # bool, always inside the lungs
     lung_confidence: float       # mean lung probability over predicted lung pixels (0..1)
     zone_opacity_pct: dict = field(default_factory=dict)  # Brixia zone letter -> opacity % of that zone
+    inverted: bool = False       # the pixels were read inverted: their polarity label contradicted them
 
     @property
     def lung_area_px(self) -> int:
@@ -74,6 +85,16 @@ def _largest_components(mask: np.ndarray) -> np.ndarray:
     return components == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
+def working_image(gray: np.ndarray) -> np.ndarray:
+    """Gray image of any size and bit depth -> uint8, scaled down to at most WORKING_SIDE."""
+    height, width = gray.shape
+    scale = WORKING_SIDE / max(height, width)
+    if scale < 1:
+        gray = cv2.resize(gray.astype(np.float32), (round(width * scale), round(height * scale)),
+                          interpolation=cv2.INTER_AREA)
+    return normalize_gray(gray)
+
+
 class Pipeline:
     """Lungs on the whole image -> crop to the lungs' box -> opacity in the crop, kept inside the lungs."""
 
@@ -107,20 +128,26 @@ class Pipeline:
         full[y0:y1, x0:x1] = cv2.resize(prob, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
         return full
 
-    def segment(self, gray: np.ndarray) -> Segmentation:
-        """Gray image of any bit depth (MONOCHROME2 orientation: air is dark) -> Segmentation."""
-        height, width = gray.shape
-        scale = WORKING_SIDE / max(height, width)
-        if scale < 1:
-            gray = cv2.resize(gray.astype(np.float32), (round(width * scale), round(height * scale)),
-                              interpolation=cv2.INTER_AREA)
-        image = normalize_gray(gray)
+    def oriented_lungs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, bool]:
+        """(image, lungs, confidence, inverted): the image inverted when its lungs are found with more
+        confidence that way (see POLARITY_CHECK_BELOW)."""
         lungs, confidence = self.lungs(image)
+        if confidence < POLARITY_CHECK_BELOW:
+            inverted_lungs, inverted_confidence = self.lungs(255 - image)
+            if inverted_confidence > confidence:
+                return 255 - image, inverted_lungs, inverted_confidence, True
+        return image, lungs, confidence, False
+
+    def segment(self, gray: np.ndarray) -> Segmentation:
+        """Gray image of any bit depth (MONOCHROME2 orientation: air is dark; an image whose lungs
+        are clearer inverted is read inverted, and says so) -> Segmentation at the input's size."""
+        height, width = gray.shape
+        image, lungs, confidence, inverted = self.oriented_lungs(working_image(gray))
         opacity = (self.opacity_probability(image, lungs) >= OPACITY_THRESHOLD) & (lungs > 0)
-        if scale < 1:
+        if image.shape != gray.shape:
             lungs = cv2.resize(lungs, (width, height), interpolation=cv2.INTER_NEAREST)
             opacity = cv2.resize(opacity.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-        result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence)
+        result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence, inverted=inverted)
         zones = zone_map(lungs)
         result.zone_opacity_pct = {letter: result.opacity_pct_of(zones == index)
                                    for index, letter in enumerate(ZONES, start=1)}
@@ -160,8 +187,13 @@ def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None
     ort.set_default_logger_severity(3)
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
-    input_name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {input_name: batch})[0]
+    model_input = session.get_inputs()[0]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {model_input.name: batch})[0]
+
+    run.input_size = model_input.shape[1]  # (n, size, size, 1)
+    return run
 
 
 def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None) -> Pipeline:
@@ -173,6 +205,6 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: 
         actual = hashlib.sha256((Path(weights_dir) / filename).read_bytes()).hexdigest()
         if actual != expected:
             raise ValueError(f"{filename}: sha256 {actual} does not match the manifest ({expected})")
-    return Pipeline(onnx_runner(Path(weights_dir) / "lungs.onnx", threads, providers),
-                    onnx_runner(Path(weights_dir) / "opacity.onnx", threads, providers),
-                    version=info.version)
+    lungs = onnx_runner(Path(weights_dir) / "lungs.onnx", threads, providers)
+    opacity = onnx_runner(Path(weights_dir) / "opacity.onnx", threads, providers)
+    return Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size, opacity_size=opacity.input_size)

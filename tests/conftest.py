@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,26 @@ def record():
             with open(target, "a") as handle:
                 handle.write(json.dumps({"table": table, **row}, default=str) + "\n")
     return append
+
+
+@pytest.fixture(scope="session")
+def quex_dir() -> Path:
+    return SHARED_DATA / "covid-qu-ex"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _delete_tmp_path_of_passed_tests(request):
+    """A test's tmp_path (spools, Orthanc databases, copies of images) is deleted as soon as the test
+    passes: a whole run would otherwise hold gigabytes. A failing test's stays for inspection."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    report = getattr(request.node, "report_call", None)
+    if folder is not None and report is not None and report.passed:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Training: `cxr-node train --data DIR --out DIR` runs every stage, the cross-validation and the
+ablation, trains the shipped models on everything and exports them with the recipe in their manifest.
+
+Modules: recipe (the choices, as data), samples, losses, loop (resumable fit), stages (lungs, opacity
+A on QU-Ex, opacity B on the Cohen collection), crossval (folds by patient, scoring, ablation), report.
+Every stage checkpoints each epoch; rerunning the same command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.training.recipe import Recipe
+
+__all__ = ["Recipe", "run", "cross_validated_report"]
+
+
+@dataclass
+class Inputs:
+    """What every stage reads: the lung model and the opacity samples of both collections."""
+    lungs: object
+    records: list
+    quex_records: list
+    quex: object
+    cohen: object
+
+
+def prepare(data_dir: Path, quex_dir: Path, out_dir: Path, recipe: Recipe) -> Inputs:
+    from model.data import load_quex_records, load_records
+    from model.training.samples import cached, cohen_samples, quex_samples
+    from model.training.stages import keras_pipeline, lung_model
+
+    lungs = lung_model(data_dir, out_dir, recipe)
+    lung_pipeline = keras_pipeline(lungs)
+    size = recipe.opacity_size
+    records = load_records(data_dir)
+    quex_records = load_quex_records(quex_dir)
+    quex = cached(out_dir / "cache" / f"quex-{size}.npz", lambda: quex_samples(quex_records, lung_pipeline, size))
+    labelled = [r for r in records if r.extent is not None or r.brixia_zones or r.labelme_path]
+    cohen = cached(out_dir / "cache" / f"cohen-{size}.npz", lambda: cohen_samples(labelled, lung_pipeline, size))
+    return Inputs(lungs, records, quex_records, quex, cohen)
+
+
+def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Recipe) -> dict:
+    """Cross-validate every variant (training the fold models a run does not have yet), write
+    ablation.json, the shipped variant's report in out_dir/cv and its contact sheet; print the table."""
+    from model.evaluate import summarize, write_report
+    from model.training.crossval import (VARIANTS, brixia_errors, brixia_from_zone_opacity, contact_sheet,
+                                         cross_validate)
+    from model.training.report import ablation_table
+
+    results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,
+                             out_dir, recipe)
+    ablation = {}
+    for variant in VARIANTS:
+        ablation[variant] = summarize(results[variant])
+        ablation[variant]["brixia_mae"] = brixia_errors(brixia_from_zone_opacity(results[variant]))
+    (out_dir / "ablation.json").write_text(json.dumps(ablation, indent=1))
+    shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
+    (out_dir / "cv").mkdir(exist_ok=True)
+    write_report(results[shipped], out_dir / "cv", {
+        "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped,
+        "brixia_mae": ablation[shipped]["brixia_mae"], "model_version": recipe.version})
+    contact_sheet(out_dir / "contact-sheet", out_dir / "cv" / "contact-sheet.png")
+    print(ablation_table(ablation))
+    return ablation
+
+
+def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path | None = None) -> Path:
+    from model.export import export_onnx, round_weights_to_float16, write_manifest
+    from model.infer import WEIGHTS_DIR
+    from model.training.report import plot_history
+    from model.training.stages import cohen_stage, quex_stage, without_polygons
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(recipe.as_dict(), indent=1))
+    inputs = prepare(data_dir, Path(quex_dir) if quex_dir else data_dir.parent / "covid-qu-ex", out_dir, recipe)
+    duplicates = {q.filename for q in inputs.quex_records if q.cohen_filename}
+    stage_a = quex_stage(inputs.lungs, inputs.quex.subset([n not in duplicates for n in inputs.quex.names]),
+                         out_dir / "opacity-A", recipe)
+    report_cross_validation(inputs, stage_a, out_dir, recipe)
+
+    cohen = inputs.cohen if recipe.final_uses_polygons else without_polygons(inputs.cohen)
+    final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex,
+                        out_dir / "opacity-final", recipe, desc="opacity final")
+    plot_history(out_dir, out_dir / "training-curves.png")
+
+    weights = out_dir / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    if recipe.retrain_lungs:
+        round_weights_to_float16(inputs.lungs)
+        export_onnx(inputs.lungs, weights / "lungs.onnx")
+    else:
+        shutil.copy(WEIGHTS_DIR / "lungs.onnx", weights / "lungs.onnx")
+    round_weights_to_float16(final)
+    export_onnx(final, weights / "opacity.onnx")
+    write_manifest(weights, recipe.version, {"recipe": recipe.as_dict()})
+    print(f"weights written to {weights}; copy them to model/weights/ to ship them")
+    return weights
+
+
+def cross_validated_report(data_dir: Path, run_dir: Path, quex_dir: Path | None = None) -> dict:
+    """Re-score a finished training run's cross-validation from its fold checkpoints (no training)."""
+    from model.training.crossval import fold_checkpoints
+    from model.training.stages import opacity_model_from
+
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    recipe = Recipe(**json.loads((run_dir / "recipe.json").read_text()))
+    missing = [str(p) for p in [run_dir / "opacity-A" / "final.h5", *fold_checkpoints(run_dir, recipe)] if not p.exists()]
+    if missing:
+        raise SystemExit(f"{run_dir} is not a finished training run; missing: {', '.join(missing)}")
+    inputs = prepare(data_dir, Path(quex_dir) if quex_dir else data_dir.parent / "covid-qu-ex", run_dir, recipe)
+    stage_a = opacity_model_from(inputs.lungs, recipe.opacity_size, run_dir / "opacity-A" / "final.h5")
+    return report_cross_validation(inputs, stage_a, run_dir, recipe)

@@ -1,0 +1,161 @@
+"""Cross-validation by patient over the Cohen collection, and the ablation of opacity supervision.
+
+Every Cohen image is scored by a model that never saw its patient: stage A never sees a Cohen image
+(the QU-Ex rows that duplicate one are left out of it), so it is a fair start for every fold; stage B
+of fold k trains on the other folds' labels and on QU-Ex rows that do not duplicate a fold-k image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from model.data import QuexRecord, Record, rasterize_labelme
+from model.image import read_gray
+from model.evaluate import overlay, score_image
+from model.training.recipe import Recipe
+from model.training.samples import Samples
+from model.training.stages import cohen_stage, keras_pipeline, without_polygons
+
+CONTACT_SHEET_IMAGES = 24
+VARIANTS = ("QU-Ex only", "QU-Ex + zones/extent", "QU-Ex + zones/extent + polygons")
+
+
+def patient_folds(records: list[Record], folds: int, seed: int) -> dict[str, int]:
+    """Patient -> fold, by a seeded permutation of the sorted patient ids."""
+    patients = sorted({r.patient for r in records})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    return {patients[i]: k % folds for k, i in enumerate(order)}
+
+
+class CachedRunner:
+    """A model runner that remembers its answers: every variant and fold sees the same lungs."""
+
+    def __init__(self, runner):
+        self.runner, self.memo = runner, {}
+
+    def __call__(self, batch):
+        key = hashlib.sha1(batch.tobytes()).digest()
+        if key not in self.memo:
+            self.memo[key] = self.runner(batch)
+        return self.memo[key]
+
+
+def score_records(records: list[Record], pipeline, grays: dict, fold: int, sheet: set, sheet_dir: Path | None) -> list[dict]:
+    rows = []
+    for record in records:
+        gray = grays.setdefault(record.filename, read_gray(record.image_path))
+        seg = pipeline.segment(gray)
+        rows.append(dict(score_image(record, seg), fold=fold))
+        if sheet_dir is not None and record.filename in sheet:
+            truth = rasterize_labelme(record.labelme_path, gray.shape)["opacity"] if record.labelme_path else None
+            cv2.imwrite(str(sheet_dir / f"{Path(record.filename).stem}.png"), overlay(gray, seg, truth))
+    return rows
+
+
+def fold_checkpoints(out_dir: Path, recipe: Recipe) -> list[Path]:
+    """The stage B weights of every fold of every variant that trains one."""
+    return [out_dir / f"cv-{tag}-fold{k}" / "final.h5" for tag in ("B-weak", "B-polygons") for k in range(recipe.folds)]
+
+
+def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs, stage_a, cohen: Samples,
+                   quex: Samples, out_dir: Path, recipe: Recipe) -> dict[str, list[dict]]:
+    """Per variant, one scored row per Cohen image (from the fold model that never saw its patient).
+    Fold models are checkpointed in out_dir, so a rerun only scores."""
+    fold_of = patient_folds(records, recipe.folds, recipe.seed)
+    patient_of = {r.filename: r.patient for r in records}
+    fold_of_name = {r.filename: fold_of[r.patient] for r in records}
+    quex_fold = {q.filename: fold_of[patient_of[q.cohen_filename]] for q in quex_records
+                 if q.cohen_filename in patient_of}
+    stage_a_path = out_dir / "opacity-A" / "final.h5"
+    lung_runner = CachedRunner(keras_pipeline(lungs).lung_runner)
+    grays: dict = {}
+    with_lungs = [r for r in records if r.lung_mask_path]
+    sheet = {with_lungs[i].filename for i in np.random.default_rng(recipe.seed).permutation(len(with_lungs))[:CONTACT_SHEET_IMAGES]}
+    results = {}
+    for variant in VARIANTS:
+        rows = []
+        last = variant == VARIANTS[-1]
+        sheet_dir = out_dir / "contact-sheet" if last else None
+        if sheet_dir:
+            sheet_dir.mkdir(parents=True, exist_ok=True)
+        for k in tqdm(range(recipe.folds), desc=f"CV {variant}"):
+            if variant == "QU-Ex only":
+                model = stage_a
+            else:
+                train = cohen.subset([fold_of_name[n] != k for n in cohen.names])
+                train = train if "polygons" in variant else without_polygons(train)
+                quex_k = quex.subset([quex_fold.get(n, -1) != k for n in quex.names])
+                tag = "B-polygons" if "polygons" in variant else "B-weak"
+                model = cohen_stage(lungs, stage_a_path, train, quex_k, out_dir / f"cv-{tag}-fold{k}", recipe,
+                                    desc=f"{variant} fold {k}")
+            pipeline = keras_pipeline(lungs, model)
+            pipeline.lung_runner = lung_runner
+            rows += score_records([r for r in records if fold_of[r.patient] == k], pipeline, grays, k, sheet, sheet_dir)
+        results[variant] = rows
+        (out_dir / "cv_rows.json").write_text(json.dumps(results, default=float))
+    return results
+
+
+def contact_sheet(folder: Path, out_path: Path, columns: int = 6, tile: int = 256) -> Path:
+    """The cross-validated overlays in `folder` tiled into one PNG."""
+    tiles = []
+    for path in sorted(folder.glob("*.png")):
+        image = cv2.imread(str(path))
+        scale = tile / max(image.shape[:2])
+        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((tile, tile, 3), np.uint8)
+        canvas[:image.shape[0], :image.shape[1]] = image
+        tiles.append(canvas)
+    while len(tiles) % columns:
+        tiles.append(np.zeros((tile, tile, 3), np.uint8))
+    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_path), np.vstack(rows))
+    return out_path
+
+
+def brixia_from_zone_opacity(rows: list[dict]) -> list[dict]:
+    """Predicted Brixia zone scores (0-3) from each zone's opacity %, by an isotonic mapping fitted,
+    for the images of fold k, on the other folds' cross-validated rows only (nested: no image's
+    scores shape its own prediction). Returns rows with `brixia_predicted` {zone: score} added."""
+    from sklearn.isotonic import IsotonicRegression
+
+    scored = [r for r in rows if r.get("brixia_zones")]
+    out = []
+    for k in sorted({r["fold"] for r in scored}):
+        fit_rows = [r for r in scored if r["fold"] != k]
+        x = [r["zone_opacity_pct"][z] for r in fit_rows for z in "ABCDEF"]
+        y = [np.mean([zones[z] for zones in r["brixia_zones"].values()]) for r in fit_rows for z in "ABCDEF"]
+        mapping = IsotonicRegression(y_min=0, y_max=3, out_of_bounds="clip").fit(x, y)
+        for r in scored:
+            if r["fold"] == k:
+                predicted = np.rint(mapping.predict([r["zone_opacity_pct"][z] for z in "ABCDEF"]))
+                out.append(dict(r, brixia_predicted=dict(zip("ABCDEF", predicted.astype(int).tolist()))))
+    return out
+
+
+def brixia_errors(rows: list[dict]) -> dict:
+    """Mean absolute error of predicted zone and global Brixia scores against each rater, and of the
+    junior rater against the senior (the bar)."""
+    result = {}
+    for rater in ("senior", "junior"):
+        paired = [r for r in rows if rater in r["brixia_zones"]]
+        if paired:
+            result[f"vs_{rater}"] = {
+                "images": len(paired),
+                "zone_mae": float(np.mean([abs(r["brixia_predicted"][z] - r["brixia_zones"][rater][z]) for r in paired for z in "ABCDEF"])),
+                "global_mae": float(np.mean([abs(sum(r["brixia_predicted"].values()) - sum(r["brixia_zones"][rater].values())) for r in paired])),
+            }
+    both = [r for r in rows if len(r["brixia_zones"]) == 2]
+    if both:
+        result["junior_vs_senior"] = {
+            "images": len(both),
+            "zone_mae": float(np.mean([abs(r["brixia_zones"]["junior"][z] - r["brixia_zones"]["senior"][z]) for r in both for z in "ABCDEF"])),
+            "global_mae": float(np.mean([abs(sum(r["brixia_zones"]["junior"].values()) - sum(r["brixia_zones"]["senior"].values())) for r in both])),
+        }
+    return result
