@@ -44,7 +44,8 @@ def main() -> None:
 
     import sys
     sys.path.insert(0, str(REPO))
-    from model.data import load_records, normalize_gray, read_gray
+    from model.data import load_records
+    from model.image import normalize_gray, read_gray
     from model.infer import LUNG_SIZE, OPACITY_SIZE, WEIGHTS_DIR, load_pipeline, onnx_runner
 
     records = load_records(DATA)[: args.images]

@@ -31,24 +31,36 @@ def cmd_status(args) -> int:
     queue = Queue(database)
     report = {"state_dir": str(config.state_dir), **queue.counts(), "last_errors": queue.last_errors()}
     if args.uid:
-        report = queue.instance(args.uid) or {"error": f"unknown SOP Instance UID {args.uid}"}
+        report = queue.instance(args.uid)
+        if report is None:
+            print(f"cxr-node status: unknown SOP Instance UID {args.uid}", file=sys.stderr)
+            return 1
     print(json.dumps(report, indent=1, default=str))
     return 0
 
 
 def cmd_echo(args) -> int:
+    """C-ECHO this node's own port (as a sender it allows would), then every destination."""
+    from dicom_node.config import Destination
     from dicom_node.sender import echo
 
     config = _config(args)
-    if not config.destinations:
-        print("no destinations configured: results are written to", config.results_dir)
-        return 0
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.bind, config.bind)
+    checks = []
+    if config.tls:
+        print(f"this node ({config.ae_title}@{host}:{config.port}): not checked - its port requires DICOM TLS")
+    else:
+        calling = config.allowed_calling_aes[0] if config.allowed_calling_aes else "ECHOSCU"
+        checks.append((Destination("this node", config.ae_title, host, config.port), calling))
+    checks += [(destination, None) for destination in config.destinations]
     failures = 0
-    for destination in config.destinations:
-        ok, message = echo(config, destination)
+    for destination, calling in checks:
+        ok, message = echo(config, destination, calling)
         failures += not ok
         print(f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}): "
               f"{'ok' if ok else 'FAILED'} - {message}")
+    if not config.destinations:
+        print(f"no destinations configured: results are written to {config.results_dir}")
     return 1 if failures else 0
 
 
@@ -62,27 +74,26 @@ def cmd_retry(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from dicom_node.pixels import read_image
+    from dicom_node.predict import predict_files
     from model.infer import load_pipeline
-    from model.predict import predict_images
 
-    pipeline = load_pipeline(threads=args.threads)
-    failures = []
-
-    def readable():
-        for path in args.files:
-            try:
-                yield Path(path).name, read_image(Path(path))
-            except (OSError, ValueError) as error:
-                failures.append(path)
-                print(f"cxr-node predict: {path}: {error}", file=sys.stderr)
-
-    rows = predict_images(readable(), pipeline, Path(args.out))
-    print(f"{len(rows)} image(s) written to {args.out}; {len(failures)} failed")
+    rows, failures = predict_files([Path(f) for f in args.files], load_pipeline(threads=args.threads), Path(args.out))
+    for path, error in failures:
+        print(f"cxr-node predict: {path}: {error}", file=sys.stderr)
+    analysed = sum(row["frontal_chest"] for row in rows)
+    print(f"{analysed} frontal chest image(s) analysed, {len(rows) - analysed} skipped (see predictions.csv), "
+          f"{len(failures)} unreadable; written to {args.out}")
     return 1 if failures else 0
 
 
 def cmd_evaluate(args) -> int:
+    if args.cv:
+        from model.training import cross_validated_report
+
+        cross_validated_report(Path(args.data), Path(args.cv), Path(args.quex) if args.quex else None)
+        return 0
+    if not args.out:
+        raise SystemExit("evaluate: --out is required (or --cv RUN_DIR)")
     from model.evaluate import evaluate
     from model.infer import load_pipeline
 
@@ -91,10 +102,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from model.train import run
+    from dataclasses import replace
 
-    run(Path(args.data), Path(args.out), lung_epochs=args.lung_epochs, opacity_epochs=args.opacity_epochs,
-        fine_tune_epochs=args.fine_tune_epochs)
+    from model.training import Recipe, run
+
+    recipe = replace(Recipe(), **{name: value for name, value in vars(args).items()
+                                  if name in Recipe.__dataclass_fields__ and value is not None})
+    run(Path(args.data), Path(args.out), recipe, quex_dir=args.quex)
     return 0
 
 
@@ -108,31 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[config], help="queue counts and last errors (JSON)")
     status.add_argument("--uid", help="show one instance by SOP Instance UID")
     status.set_defaults(handler=cmd_status)
-    commands.add_parser("echo", parents=[config], help="C-ECHO every destination").set_defaults(handler=cmd_echo)
+    commands.add_parser("echo", parents=[config], help="C-ECHO this node and every destination (exit 1 if one fails)").set_defaults(handler=cmd_echo)
     retry = commands.add_parser("retry", parents=[config], help="queue failed instances again")
     retry.add_argument("--uid", help="only this SOP Instance UID (default: every failed instance)")
     retry.set_defaults(handler=cmd_retry)
 
     predict = commands.add_parser("predict", help="lung and opacity masks for PNG, JPEG or DICOM files")
-    predict.add_argument("files", nargs="+")
+    predict.add_argument("files", nargs="+", help="PNG, JPEG or DICOM files (DICOM pass the same frontal-chest "
+                                                    "filter as `serve`; others the lung-plausibility check)")
     predict.add_argument("--out", required=True, help="folder for masks and predictions.csv")
     predict.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="score the shipped models on an annotated folder")
     evaluate.add_argument("--data", required=True, help="folder laid out like shared/data/cxr (images.csv, ...)")
-    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--out", help="folder for metrics.json, per_image.csv, ROC, scatter and overlay PNGs")
+    evaluate.add_argument("--cv", metavar="RUN_DIR",
+                          help="instead: re-score the cross-validation of a finished `cxr-node train` run from its "
+                               "fold checkpoints, writing RUN_DIR/cv/ and RUN_DIR/ablation.json (needs the [train] extra)")
+    evaluate.add_argument("--quex", help="with --cv: the COVID-QU-Ex folder (default: covid-qu-ex beside --data)")
     evaluate.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                           help="only images of this split of model/split.csv (default: all images)")
-    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    train = commands.add_parser("train", help="train both models (resumes from checkpoints in --out)")
-    train.add_argument("--data", required=True)
-    train.add_argument("--out", required=True)
-    train.add_argument("--lung-epochs", type=int, default=16)
-    train.add_argument("--opacity-epochs", type=int, default=15)
-    train.add_argument("--fine-tune-epochs", type=int, default=4)
+    train = commands.add_parser("train", help="train, cross-validate and export both models (resumes from "
+                                              "checkpoints in --out; recipe defaults in model/training/recipe.py)")
+    train.add_argument("--data", required=True, help="the Cohen-collection folder (shared/data/cxr layout)")
+    train.add_argument("--quex", help="the COVID-QU-Ex folder (default: covid-qu-ex beside --data)")
+    train.add_argument("--out", required=True, help="run folder: caches, checkpoints, CV report, weights/")
+    train.add_argument("--retrain-lungs", action="store_true", default=None,
+                       help="train the lung model too (default: reuse the shipped lungs)")
+    for name in ("lung_epochs", "quex_epochs", "cohen_epochs", "folds"):
+        train.add_argument("--" + name.replace("_", "-"), type=int, help=f"recipe field {name}")
     train.set_defaults(handler=cmd_train)
     return parser
 

@@ -5,7 +5,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.toml"
+# config/default.toml, reached through a link inside the package so that a built wheel carries it too.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
-from model.infer import Segmentation
-from model.lungs import LEFT, RIGHT
+from model.infer import LEFT, RIGHT, Segmentation
 
 RADIOGRAPH_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
@@ -87,3 +86,11 @@ def by_image(seg: Segmentation) -> Decision:
     if failed:
         return Decision(False, "image does not look like a frontal chest: failed " + "; ".join(failed), "image")
     return Decision(True, f"two lungs found (confidence {seg.lung_confidence:.2f})", "image")
+
+
+def with_image(decision: Decision, seg: Segmentation) -> Decision:
+    """The final decision once the image is segmented: no lung found rejects whatever the tags said;
+    a decision the tags deferred is made by the image."""
+    if seg.lung_area_px == 0:
+        return Decision(False, "the lung model found no lung", "image")
+    return by_image(seg) if decision.frontal_chest is None else decision

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from model.data import read_gray
+from model.image import read_gray
 
 
 class UnusableImage(ValueError):

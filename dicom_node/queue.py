@@ -108,8 +108,9 @@ class Queue:
         self._transaction(self._finish(sop_uid, "failed", reason))
 
     def complete(self, sop_uid: str, results: list[tuple[str, str, Path]], destinations: list[str],
-                 decided_by: str, opacity_pct: float) -> None:
-        """Instance done and its results (sop_uid, kind, path) queued for every destination, atomically."""
+                 decided_by: str, opacity_pct: float, note: str | None = None) -> None:
+        """Instance done and its results (sop_uid, kind, path) queued for every destination, atomically;
+        `note` (kept as the reason) says what was unusual about it."""
         now = time.time()
 
         def statements(db):
@@ -119,7 +120,7 @@ class Queue:
                                " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
                                (result_uid, destination, sop_uid, kind, str(path),
                                 "pending" if destinations else "written", now, now))
-            self._finish(sop_uid, "done", None, decided_by, opacity_pct)(db)
+            self._finish(sop_uid, "done", note, decided_by, opacity_pct)(db)
         self._transaction(statements)
 
     def requeue(self, sop_uid: str, reason: str) -> None:

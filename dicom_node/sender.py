@@ -26,9 +26,9 @@ def _client_ae(ae_title: str, network_timeout: float) -> AE:
     return ae
 
 
-def echo(config: Config, destination: Destination) -> tuple[bool, str]:
-    """C-ECHO one destination: (ok, what happened)."""
-    assoc = _client_ae(config.ae_title, config.network_timeout).associate(
+def echo(config: Config, destination: Destination, calling_ae: str | None = None) -> tuple[bool, str]:
+    """C-ECHO one destination (calling as this node unless told otherwise): (ok, what happened)."""
+    assoc = _client_ae(calling_ae or config.ae_title, config.network_timeout).associate(
         destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         return False, "association rejected or no answer"

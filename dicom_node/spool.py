@@ -25,16 +25,18 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @staticmethod
-    def file_name(uid: str) -> str:
+    def file_name(uid: str, kind: str | None = None) -> str:
+        """`<uid>.dcm`, or `<kind>_<uid>.dcm` for a result (SEG, SR, SC) so a person listing the
+        folder sees what each file is."""
         if not SAFE_NAME.match(uid):
             raise ValueError(f"not a usable UID for a file name: {uid!r}")
-        return f"{uid}.dcm"
+        return f"{kind}_{uid}.dcm" if kind else f"{uid}.dcm"
 
     def input_path(self, sop_uid: str) -> Path:
         return self.inputs / self.file_name(sop_uid)
 
-    def result_path(self, sop_uid: str) -> Path:
-        return self.results / self.file_name(sop_uid)
+    def result_path(self, sop_uid: str, kind: str) -> Path:
+        return self.results / self.file_name(sop_uid, kind)
 
     @staticmethod
     def write(path: Path, data: bytes) -> Path:

@@ -71,32 +71,32 @@ class Worker:
             return self._skip(uid, decision)
         gray = dataset_gray(ds)
         seg = self.pipeline.segment(gray)
-        if seg.lung_area_px == 0:
-            return self._skip(uid, chest_filter.Decision(False, "the lung model found no lung", "image"))
-        if decision.frontal_chest is None:
-            decision = chest_filter.by_image(seg)
-            if not decision.frontal_chest:
-                return self._skip(uid, decision)
+        decision = chest_filter.with_image(decision, seg)
+        if not decision.frontal_chest:
+            return self._skip(uid, decision)
         source = prepare_source(ds)
         with no_patient_data_in_warnings():
             segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
             report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
             outputs = [("SEG", segmentation), ("SR", report)]
             if self.secondary_capture:
-                outputs.append(("SC", build_capture(source, gray, seg, self.algorithm, analysis_started)))
+                shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
+                outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, analysis_started)))
         results = []
         for kind, result in outputs:
             if self.destinations:
-                path = self.spool.result_path(result.SOPInstanceUID)
+                path = self.spool.result_path(result.SOPInstanceUID, kind)
             else:  # no PACS configured: the results folder is the delivery
                 folder = self.results_dir / source.StudyInstanceUID
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                path = folder / Spool.file_name(result.SOPInstanceUID)
+                path = folder / Spool.file_name(result.SOPInstanceUID, kind)
             Spool.write(path, encode(result))
             results.append((result.SOPInstanceUID, kind, path))
-        self.queue.complete(uid, results, self.destinations, decision.decided_by, seg.opacity_pct)
+        note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
+                f"{ds.get('PhotometricInterpretation', '')}") if seg.inverted else None
+        self.queue.complete(uid, results, self.destinations, decision.decided_by, seg.opacity_pct, note)
         log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
-            seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID)
+            seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID, **({"note": note} if note else {}))
         return "done"
 
     def _skip(self, uid: str, decision: chest_filter.Decision) -> str:

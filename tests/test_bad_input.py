@@ -4,6 +4,7 @@ recorded state (done / skipped / failed) with its reason. A good image follows e
 all of those must be analysed and delivered: the node stays up and keeps working."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,8 @@ _config.STORE_SEND_CHUNKED_DATASET = True  # send a file's body as it is, undeco
 from tests.harness import Node, Orthanc, chest_copies, dcmsend, wait_for
 from tests.test_node_integration import results_by_source
 
+pytestmark = pytest.mark.slow
+
 CHEST = "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # PA chest, JPEG baseline
 J2K = "pydicom-data/RG1_J2KR.dcm"  # CR chest, JPEG 2000 lossless
 PATIENTS = {"PatientName": ["Müller^Jürgen", "Ñúñez^Zoë", "山田^太郎", "X^Y^Z^A^B^C^D" + "Q" * 180],
@@ -39,6 +42,7 @@ class Case:
     expected: str  # "status 0x....", "rejected: ...", or "<state>: <words of the recorded reason>"
     request: dict = field(default_factory=dict)  # what the association / C-STORE says, if not the data set:
     # syntax, sop_uid, sop_class, calling, called
+    warns: str = ""  # words of the warning pydicom gives while the case is made, if it must give one
 
 
 def plain_chest(dicom_dir: Path) -> pydicom.Dataset:
@@ -166,7 +170,8 @@ def cases(dicom_dir: Path) -> list[Case]:
         Case("SOP Class UID differs from the request", with_tags(SOPClassUID=CTImageStorage), "status 0xA900",
              {"sop_class": ComputedRadiographyImageStorage}),
         Case("data set without Study Instance UID", with_tags(StudyInstanceUID=None), "status 0xA900"),
-        Case("SOP Instance UID that is a path (../../etc/passwd)", with_tags(SOPInstanceUID="../../etc/passwd"), "status 0xC000"),
+        Case("SOP Instance UID that is a path (../../etc/passwd)", with_tags(SOPInstanceUID="../../etc/passwd"), "status 0xC000",
+             warns="Invalid value for VR UI"),
         Case("CT Image Storage object", with_tags(SOPClassUID=CTImageStorage, Modality="CT"), "skipped: not a radiograph"),
         Case("lateral view (ViewPosition LL)", with_tags(ViewPosition="LL"), "skipped: not frontal"),
         Case("lateral named only in the series description", with_tags(ViewPosition=None, SeriesDescription="CHEST LAT"),
@@ -176,7 +181,8 @@ def cases(dicom_dir: Path) -> list[Case]:
         Case("CR image storage of a chest", with_tags(SOPClassUID=ComputedRadiographyImageStorage), "done"),
         Case("UTF-8 patient name (ISO_IR 192)", with_tags(SpecificCharacterSet="ISO_IR 192", PatientName=PATIENTS["PatientName"][2]), "done"),
         Case("Latin-1 name without Specific Character Set", with_tags(PatientName=PATIENTS["PatientName"][1].encode("latin-1").decode("latin-1")), "done"),
-        Case("malformed patient name (7 components, 193 characters)", with_tags(PatientName=PATIENTS["PatientName"][3]), "done"),
+        Case("malformed patient name (7 components, 193 characters)", with_tags(PatientName=PATIENTS["PatientName"][3]), "done",
+             warns="exceeds the maximum allowed length"),
         Case("odd-length value", odd_length, "done"),
         Case("same SOP Instance UID again, other pixels", lambda ds: ds, "status 0x0000, one result", {"duplicate": True}),
         Case("transfer syntax the node does not accept (MPEG2)", lambda ds: ds, "rejected: no presentation context", {"syntax": MPEG2}),
@@ -228,7 +234,7 @@ def corpus(dicom_dir, tmp_path_factory):
     good = chest_copies([dicom_dir / CHEST], len(all_cases), folder / "good")
     pacs = Orthanc(folder / "orthanc").start()
     node = Node(folder / "node", destinations=[("pacs", pacs)], processing={"stable_seconds": 0}).start()
-    sent, first_uid = {}, None
+    sent, first_uid, made_warnings = {}, None, {}
     try:
         for index, case in enumerate(all_cases):
             ds = plain_chest(dicom_dir)
@@ -236,7 +242,10 @@ def corpus(dicom_dir, tmp_path_factory):
                 ds.SOPInstanceUID, ds.PixelData = first_uid, bytes(255 - np.frombuffer(ds.PixelData, np.uint8))
             uid = str(ds.SOPInstanceUID)
             first_uid = first_uid or uid
-            made = case.make(ds)
+            with warnings.catch_warnings(record=True) as caught:  # kept with the case that caused them
+                warnings.simplefilter("always")
+                made = case.make(ds)
+            made_warnings[case.name] = [str(w.message) for w in caught]
             body, ds = (made, ds) if isinstance(made, bytes) else (body_of(made), made)
             syntax = case.request.get("syntax", str(ds.file_meta.TransferSyntaxUID))
             sop_class = case.request.get("sop_class", str(ds.get("SOPClassUID", "")))
@@ -249,6 +258,7 @@ def corpus(dicom_dir, tmp_path_factory):
             assert dcmsend(node.port, [good[index]]).returncode == 0, f"good image after '{case.name}' not accepted"
         wait_for(node.idle, 300, 1, "node to finish the corpus")
         yield {"node": node, "pacs": pacs, "sent": sent, "good": good, "results": results_by_source(pacs),
+               "warnings": made_warnings,
                "states": {name: node.instance(uid) for name, (uid, _) in sent.items()}}
     finally:
         node.stop()
@@ -270,6 +280,9 @@ def observed_outcome(corpus: dict, case: Case) -> str:
 
 @pytest.mark.parametrize("case", cases(Path(".")), ids=lambda case: case.name)
 def test_each_bad_input_gets_its_expected_outcome(corpus, case, record):
+    made_warnings = corpus["warnings"][case.name]
+    assert (any(case.warns in w for w in made_warnings) and len(made_warnings) == 1) if case.warns else not made_warnings, \
+        made_warnings
     observed = observed_outcome(corpus, case)
     state, _, words = case.expected.partition(": ")
     ok = observed == case.expected if not state.startswith(("done", "skipped", "failed")) else \

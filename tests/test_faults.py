@@ -16,6 +16,8 @@ import pytest
 from tests.harness import Node, Orthanc, chest_copies, dcmsend, dcmsend_report, storescu, wait_for
 from tests.test_node_integration import results_by_source
 
+pytestmark = pytest.mark.slow
+
 SOURCES = ["torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
            "nhsx-nccid/1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"]
 BURST = 200

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.harness import Node, Orthanc, chest_copies, dcmsend_report, storescu, wait_for
 from tests.test_faults import SOURCES, delivery, uids
+
+pytestmark = pytest.mark.slow
 
 SENDERS, PER_SENDER = 20, 50
 

@@ -182,7 +182,8 @@ def test_duplicate_push_creates_no_second_result(pushed, node, pacs, dicom_dir):
 
 def test_echo_and_status_commands(node, pushed):
     echo = node.cli("echo")
-    assert echo.returncode == 0 and "pacs" in echo.stdout and "ok" in echo.stdout
+    assert echo.returncode == 0, echo.stdout
+    assert f"this node (CXR_NODE@127.0.0.1:{node.port}): ok" in echo.stdout and "pacs" in echo.stdout
     counts = node.status()
     assert counts["instances"]["failed"] == 0 and counts["results"]["pending"] == 0
     assert counts["results"]["sent"] == 2 * counts["instances"]["done"]
@@ -232,6 +233,11 @@ def test_without_destinations_results_are_written_to_the_results_folder(tmp_path
         wait_for(lambda: node.status()["results"]["written"] == 2, 60, what="results written")
         written = sorted((tmp_path / "node" / "state" / "results").rglob("*.dcm"))
         assert {pydicom.dcmread(p).Modality for p in written} == {"SEG", "SR"}
+        for path in written:  # <kind>_<SOP Instance UID>.dcm
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert path.name == f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        unknown = node.cli("status", "--uid", "1.2.3.4.5")
+        assert unknown.returncode == 1 and "unknown SOP Instance UID 1.2.3.4.5" in unknown.stderr
     finally:
         node.stop()
 

@@ -96,3 +96,34 @@ def test_onnx_providers_skip_what_is_not_installed_and_keep_the_cpu_last():
     chosen = choose_providers(["CUDAExecutionProvider", "NoSuchExecutionProvider", "CPUExecutionProvider"])
     assert chosen[-1] == "CPUExecutionProvider" and "NoSuchExecutionProvider" not in chosen
     assert ("CUDAExecutionProvider" in chosen) == ("CUDAExecutionProvider" in ort.get_available_providers())
+
+
+def test_echo_fails_when_the_node_itself_does_not_answer(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    site = tmp_path / "site.toml"
+    site.write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "echo", "--config", str(site)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"this node (CXR_NODE@127.0.0.1:{port}): FAILED" in result.stdout
+
+
+def test_the_node_reaches_the_model_only_through_its_interface():
+    """Serving code imports `model.infer` and `model.image` only; the CLI also dispatches the model's
+    own commands (`evaluate`, `train`) to `model.evaluate` and `model.training`."""
+    import ast
+
+    allowed = {"model.infer", "model.image"}
+    for path in sorted((REPO / "dicom_node").rglob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "model":
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.split(".")[0] == "model"}
+        extra = {"model.evaluate", "model.training"} if path.name == "cli.py" else set()
+        assert imported <= allowed | extra, (path.name, imported - allowed - extra)

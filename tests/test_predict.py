@@ -6,7 +6,7 @@ import sys
 import cv2
 import numpy as np
 
-from model.predict import COLUMNS
+from dicom_node.predict import COLUMNS
 
 NO_TENSORFLOW = ("import sys; from dicom_node.cli import main; code = main(sys.argv[1:]); "
                  "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(code)")
@@ -36,6 +36,21 @@ def test_predict_png_and_dicom_without_tensorflow(cxr_dir, dicom_dir, tmp_path):
         row = rows[name]
         assert int(row["lung_area_px"]) == int((lung > 0).sum())
         assert abs(float(row["opacity_pct"]) - 100 * (opacity > 0).sum() / (lung > 0).sum()) < 0.01
+        assert row["frontal_chest"] == "1" and row["inverted"] == "0"
+    assert rows[png.name]["decided_by"] == "image" and rows[dcm.name]["decided_by"] == "tags"
+
+
+def test_predict_applies_the_frontal_chest_decision_of_serve(dicom_dir, tmp_path):
+    lateral = dicom_dir / "highdicom" / "dx_image.dcm"  # a lateral veterinary thorax
+    mislabelled = dicom_dir / "torchxrayvision" / "Fake_MONOHR1.dcm"
+    result = run_predict(lateral, mislabelled, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 frontal chest image(s) analysed, 1 skipped" in result.stdout
+    rows = {row["filename"]: row for row in csv.DictReader(open(tmp_path / "predictions.csv"))}
+    skipped = rows[lateral.name]
+    assert skipped["frontal_chest"] == "0" and skipped["decided_by"] == "description" and "lateral" in skipped["reason"]
+    assert skipped["opacity_pct"] == "" and not (tmp_path / "dx_image_lung.png").exists()
+    assert rows[mislabelled.name]["frontal_chest"] == "1" and rows[mislabelled.name]["inverted"] == "1"
 
 
 def test_predict_reports_unreadable_files_and_exits_nonzero(cxr_dir, tmp_path):

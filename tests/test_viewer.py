@@ -24,8 +24,9 @@ OHIF_TARBALL = f"https://registry.npmjs.org/@ohif/app/-/app-{OHIF_VERSION}.tgz"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SOURCE = "nhsx-nccid/1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM and Path(Orthanc.DICOMWEB_PLUGIN).exists()),
-                                reason="needs Debian chromium and orthanc-dicomweb (installed by .ci/run)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (CHROMIUM and Path(Orthanc.DICOMWEB_PLUGIN).exists()),
+                                 reason="needs Debian chromium and orthanc-dicomweb (installed by .ci/run)")]
 
 
 @pytest.fixture(scope="session")

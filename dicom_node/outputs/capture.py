@@ -10,9 +10,8 @@ import numpy as np
 import pydicom
 
 from dicom_node.outputs import MANUFACTURER, Algorithm, derived_uid
-from model.data import normalize_gray
-from model.infer import Segmentation
-from model.lungs import LEFT, RIGHT
+from model.image import normalize_gray
+from model.infer import LEFT, RIGHT, Segmentation
 
 OUTLINES = ((RIGHT, (0, 200, 0)), (LEFT, (0, 160, 255)))  # RGB, the SEG's segment colours
 OPACITY_RGB = (255, 60, 0)

@@ -10,8 +10,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, RIGHT_LUNG, Algorithm, derived_uid,
                                 pixel_spacing_mm)
-from model.infer import Segmentation
-from model.lungs import LEFT, RIGHT
+from model.infer import LEFT, RIGHT, Segmentation
 
 SEGMENTS = (  # number, label a radiologist reads in the viewer, category, type, display colour (CIELab)
     (1, "Right lung", codes.SCT.AnatomicalStructure, RIGHT_LUNG, (70.0, -60.0, 50.0)),

@@ -12,8 +12,7 @@ from pydicom.sr.coding import Code
 from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, OPACITY_PERCENT, PIXELS, RIGHT_LUNG,
                                 Algorithm, derived_uid, pixel_spacing_mm)
 from dicom_node.outputs.seg import segment_tracking_uid
-from model.infer import Segmentation
-from model.lungs import LEFT, RIGHT, ZONES
+from model.infer import LEFT, RIGHT, ZONES, Segmentation
 
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 ZONE_SITES = {  # Brixia zone -> (zone of lung, laterality)
