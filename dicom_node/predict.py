@@ -16,8 +16,9 @@ from model.image import read_gray
 from model.infer import ZONE_NAMES, ZONES, Pipeline
 
 ZONE_COLUMNS = [f"{ZONE_NAMES[z].replace(' ', '_')}_opacity_pct" for z in ZONES]
+BRIXIA_COLUMNS = [f"brixia_{z}" for z in ZONES] + ["brixia_global"]
 COLUMNS = ["filename", "frontal_chest", "decided_by", "reason", "inverted", "lung_area_px", "opacity_area_px",
-           "opacity_pct", "right_opacity_pct", "left_opacity_pct"] + ZONE_COLUMNS
+           "opacity_pct", "right_opacity_pct", "left_opacity_pct"] + ZONE_COLUMNS + BRIXIA_COLUMNS
 
 
 def predict_file(path: Path, pipeline: Pipeline, out_dir: Path) -> dict:
@@ -45,11 +46,14 @@ def predict_file(path: Path, pipeline: Pipeline, out_dir: Path) -> dict:
                 "opacity_pct": round(seg.opacity_pct, 3), "right_opacity_pct": round(seg.right_opacity_pct, 3),
                 "left_opacity_pct": round(seg.left_opacity_pct, 3)})
     row.update({column: round(seg.zone_opacity_pct[z], 3) for column, z in zip(ZONE_COLUMNS, ZONES)})
+    if seg.brixia:
+        row.update({f"brixia_{z}": seg.brixia[z] for z in ZONES}, brixia_global=seg.brixia_global)
     return row
 
 
 def predict_files(paths: list[Path], pipeline: Pipeline, out_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Every readable file -> a row of out_dir/predictions.csv (zone columns: Brixia zones A-F;
+    """Every readable file -> a row of out_dir/predictions.csv (zone columns: Brixia zones A-F, their
+    opacity % and their Brixia score 0-3, and the global Brixia score 0-18;
     `inverted`: the pixels were read inverted because their lungs showed more clearly that way).
     Returns the rows and the (file, error) pairs of files that could not be read."""
     out_dir = Path(out_dir)

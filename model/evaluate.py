@@ -30,6 +30,7 @@ def score_image(record: Record, seg: Segmentation) -> dict:
            "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", ""),
            "view": record.row.get("view", ""), "inverted": seg.inverted,
            "zone_opacity_pct": dict(seg.zone_opacity_pct),
+           **({"brixia_predicted": seg.brixia, "brixia_global_predicted": seg.brixia_global} if seg.brixia else {}),
            "brixia_zones": {rater: zones for rater, zones in (("senior", record.brixia_zones),
                                                                ("junior", record.brixia_junior_zones)) if zones}}
     if record.lung_mask_path:
@@ -65,8 +66,31 @@ def summarize(rows: list[dict]) -> dict:
             metrics[f"opacity_pct_vs_{score}"] = correlation([r["opacity_pct"] for r in paired],
                                                              [r[score] for r in paired])
     metrics.update(zone_metrics(rows))
+    if any(r.get("brixia_zones") and r.get("brixia_predicted") for r in rows):
+        metrics["brixia"] = brixia_errors(rows)
     metrics.update(outcome_aucs(rows))
     return metrics
+
+
+def brixia_errors(rows: list[dict]) -> dict:
+    """Predicted zone and global Brixia scores against each rater: mean absolute error, and linearly
+    weighted Cohen's kappa per zone; the junior rater against the senior beside them (the bar)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    def compare(pairs_of_zones):  # [(zones a, zones b)] -> figures
+        kappa = {z: float(cohen_kappa_score([a[z] for a, _ in pairs_of_zones], [b[z] for _, b in pairs_of_zones],
+                                            weights="linear", labels=[0, 1, 2, 3])) for z in "ABCDEF"}
+        return {"images": len(pairs_of_zones),
+                "zone_mae": float(np.mean([abs(a[z] - b[z]) for a, b in pairs_of_zones for z in "ABCDEF"])),
+                "global_mae": float(np.mean([abs(sum(a.values()) - sum(b.values())) for a, b in pairs_of_zones])),
+                "zone_kappa_linear": kappa}
+
+    scored = [r for r in rows if r.get("brixia_zones") and r.get("brixia_predicted")]
+    result = {f"vs_{rater}": compare([(r["brixia_predicted"], r["brixia_zones"][rater]) for r in scored
+                                      if rater in r["brixia_zones"]]) for rater in ("senior", "junior")}
+    both = [r for r in scored if len(r["brixia_zones"]) == 2]
+    result["junior_vs_senior"] = compare([(r["brixia_zones"]["junior"], r["brixia_zones"]["senior"]) for r in both])
+    return result
 
 
 def zone_metrics(rows: list[dict]) -> dict:
@@ -93,21 +117,29 @@ def zone_metrics(rows: list[dict]) -> dict:
 
 def outcome_aucs(rows: list[dict]) -> dict:
     """Per patient (score = the patient's highest opacity % over their images): ROC AUC for ICU
-    admission (went_icu = Y) and death (survival = N); beside it the extent score's own AUC and that
-    of the projection alone (1 if any image is AP, bedside films being taken of the sickest)."""
+    admission (went_icu = Y) and death (survival = N); beside it the predicted Brixia global score's
+    (where rows carry one), the extent score's own AUC and that of the projection alone (1 if any
+    image is AP, bedside films being taken of the sickest)."""
     result = {}
     for outcome, column, positive in (("icu", "went_icu", "Y"), ("mortality", "survival", "N")):
         patients = {}
         for r in rows:
             if r[column] in ("Y", "N"):
-                entry = patients.setdefault(r["patient"], {"pct": [], "extent": [], "positive": False, "ap": False})
+                entry = patients.setdefault(r["patient"], {"pct": [], "brixia": [], "extent": [], "positive": False,
+                                                           "ap": False})
                 entry["pct"].append(r["opacity_pct"])
+                if r.get("brixia_global_predicted") is not None:
+                    entry["brixia"].append(r["brixia_global_predicted"])
                 entry["positive"] |= r[column] == positive
                 entry["ap"] |= r.get("view", "").upper().startswith("AP")
                 if r["extent"] is not None:
                     entry["extent"].append(r["extent"])
         result[f"auc_{outcome}_opacity_pct"] = roc_auc([max(p["pct"]) for p in patients.values()],
                                                        [p["positive"] for p in patients.values()])
+        with_brixia = [p for p in patients.values() if p["brixia"]]
+        if with_brixia:
+            result[f"auc_{outcome}_brixia_global"] = roc_auc([max(p["brixia"]) for p in with_brixia],
+                                                             [p["positive"] for p in with_brixia])
         result[f"auc_{outcome}_projection_ap"] = roc_auc([float(p["ap"]) for p in patients.values()],
                                                          [p["positive"] for p in patients.values()])
         with_extent = [p for p in patients.values() if p["extent"]]
@@ -144,7 +176,8 @@ def plot_curves(metrics: dict, rows: list[dict], out_dir: Path) -> None:
 
     for outcome, title in (("icu", "ICU admission"), ("mortality", "Mortality")):
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for key, label in ((f"auc_{outcome}_opacity_pct", "opacity %"), (f"auc_{outcome}_extent_score", "extent score"),
+        for key, label in ((f"auc_{outcome}_opacity_pct", "opacity %"), (f"auc_{outcome}_brixia_global", "Brixia global (predicted)"),
+                           (f"auc_{outcome}_extent_score", "extent score"),
                            (f"auc_{outcome}_projection_ap", "AP projection alone")):
             roc = metrics.get(key, {})
             if roc.get("auc") is not None:
@@ -188,8 +221,12 @@ def print_table(metrics: dict) -> None:
         c = metrics["zones_scored_0_by_both"]
         lines.append(f"zones both raters scored 0 (n={c['zones']}): median opacity {c['median_opacity_pct']:.2f} %, "
                      f"{100 * c['share_over_5_pct']:.0f} % of them over 5 %")
+    for name, figures in metrics.get("brixia", {}).items():
+        lines.append(f"Brixia {name.replace('_', ' ')} (n={figures['images']}): zone MAE {figures['zone_mae']:.2f}, "
+                     f"global MAE {figures['global_mae']:.2f}, linear kappa "
+                     + " ".join(f"{z} {k:.2f}" for z, k in figures["zone_kappa_linear"].items()))
     for outcome in ("icu", "mortality"):
-        for source in ("opacity_pct", "extent_score", "projection_ap"):
+        for source in ("opacity_pct", "brixia_global", "extent_score", "projection_ap"):
             roc = metrics.get(f"auc_{outcome}_{source}", {})
             if roc.get("auc") is not None:
                 lines.append(f"AUC {outcome} by {source} (patients={roc['n']}, positive={roc['positives']}): {roc['auc']:.3f}")

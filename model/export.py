@@ -66,12 +66,13 @@ def export_onnx(model, path: Path) -> Path:
 
 
 def write_manifest(weights_dir: Path, version: str, extra: dict | None = None) -> dict:
-    """manifest.json: name, version and the sha256 of every model file (checked at load)."""
+    """manifest.json: name, version and the sha256 of every other file there (checked at load)."""
     weights_dir = Path(weights_dir)
     doc = {
         "name": "cxr-node lung+opacity U-Net (ResNet18)",
         "version": version,
-        "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(weights_dir.glob("*.onnx"))},
+        "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(weights_dir.iterdir())
+                   if p.name != "manifest.json"},
         **(extra or {}),
     }
     (weights_dir / "manifest.json").write_text(json.dumps(doc, indent=1) + "\n")

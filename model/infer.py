@@ -13,6 +13,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from model.brixia import BrixiaMapping
 from model.image import normalize_gray
 from model.lungs import LEFT, RIGHT, ZONE_NAMES, ZONES, crop_box, split_right_left, zone_map
 
@@ -50,6 +51,12 @@ class Segmentation:
     lung_confidence: float       # mean lung probability over predicted lung pixels (0..1)
     zone_opacity_pct: dict = field(default_factory=dict)  # Brixia zone letter -> opacity % of that zone
     inverted: bool = False       # the pixels were read inverted: their polarity label contradicted them
+    brixia: dict = field(default_factory=dict)  # Brixia zone letter -> score 0-3 (empty without a mapping)
+
+    @property
+    def brixia_global(self) -> int | None:
+        """Brixia global score 0-18 (the six zone scores summed), None without a mapping."""
+        return sum(self.brixia.values()) if self.brixia else None
 
     @property
     def lung_area_px(self) -> int:
@@ -99,9 +106,9 @@ class Pipeline:
     """Lungs on the whole image -> crop to the lungs' box -> opacity in the crop, kept inside the lungs."""
 
     def __init__(self, lung_runner: Runner, opacity_runner: Runner, version: str = "unversioned",
-                 lung_size: int = LUNG_SIZE, opacity_size: int = OPACITY_SIZE):
+                 lung_size: int = LUNG_SIZE, opacity_size: int = OPACITY_SIZE, brixia: BrixiaMapping | None = None):
         self.lung_runner, self.opacity_runner, self.version = lung_runner, opacity_runner, version
-        self.lung_size, self.opacity_size = lung_size, opacity_size
+        self.lung_size, self.opacity_size, self.brixia = lung_size, opacity_size, brixia
 
     def lungs(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """uint8 gray image -> (label map at the image's size, mean lung confidence)."""
@@ -151,6 +158,8 @@ class Pipeline:
         zones = zone_map(lungs)
         result.zone_opacity_pct = {letter: result.opacity_pct_of(zones == index)
                                    for index, letter in enumerate(ZONES, start=1)}
+        if self.brixia is not None:
+            result.brixia = self.brixia.zone_scores(result.zone_opacity_pct)
         return result
 
 
@@ -207,4 +216,6 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: 
             raise ValueError(f"{filename}: sha256 {actual} does not match the manifest ({expected})")
     lungs = onnx_runner(Path(weights_dir) / "lungs.onnx", threads, providers)
     opacity = onnx_runner(Path(weights_dir) / "opacity.onnx", threads, providers)
-    return Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size, opacity_size=opacity.input_size)
+    brixia = Path(weights_dir) / "brixia.json"
+    return Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size, opacity_size=opacity.input_size,
+                    brixia=BrixiaMapping.load(brixia) if brixia.exists() else None)

@@ -2,9 +2,11 @@
 validator, highdicom reading the results back."""
 from __future__ import annotations
 
+import csv
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -138,6 +140,9 @@ def test_each_frontal_chest_image_gets_one_valid_seg_and_sr(pushed, inputs, pacs
         assert not (opacity & ~lungs).any(), f"{path.name}: opacity outside the lungs"
         assert abs(opacity_percent_in_report(report) - 100 * opacity.sum() / lungs.sum()) <= 0.1
         assert report.VerificationFlag == "UNVERIFIED"
+        sr_tracking = {group.tracking_uid for group in hd.sr.Comprehensive3DSR.from_dataset(report).content
+                       .get_volumetric_roi_measurement_groups()}
+        assert {segment.TrackingUID for segment in seg_ds.SegmentSequence} <= sr_tracking  # SR groups link to segments
         for result in (seg_ds, report):  # IHE AI Results: the algorithm as processing equipment
             assert any(item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and item.Manufacturer == "cxr-node"
                        for item in result.ContributingEquipmentSequence)
@@ -238,8 +243,39 @@ def test_without_destinations_results_are_written_to_the_results_folder(tmp_path
             assert path.name == f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
         unknown = node.cli("status", "--uid", "1.2.3.4.5")
         assert unknown.returncode == 1 and "unknown SOP Instance UID 1.2.3.4.5" in unknown.stderr
+        mislabelled = node.status(uid_of(inputs["extra"][0]))  # MONOCHROME2 pixels labelled MONOCHROME1
+        assert mislabelled["state"] == "done" and "pixels read inverted" in mislabelled["reason"]
     finally:
         node.stop()
+    report = next(p for p in written if p.name.startswith("SR_"))
+    assert sr_brixia_scores(report) == predicted_brixia_scores(inputs["extra"][0], tmp_path / "predict")
+
+
+def sr_brixia_scores(path) -> dict:
+    """{zone letter or 'global': score} read back from the SR with highdicom."""
+    zone_of = {(zone, side): letter for letter, (zone, side) in
+               zip("ABCDEF", [(z, s) for s in ("Right", "Left") for z in ("Upper", "Middle", "Lower")])}
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    scores = {}
+    for group in report.content.get_image_measurement_groups():
+        for measurement in group.get_measurements():
+            site = measurement.finding_sites[0]
+            side = site.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning
+            if measurement.name.meaning == "Brixia zone score":
+                scores[zone_of[site.value.meaning.split()[0], side]] = int(measurement.value)
+            elif measurement.name.meaning == "Brixia global score":
+                scores["global"] = int(measurement.value)
+    return scores
+
+
+def predicted_brixia_scores(image, out_dir) -> dict:
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "predict", str(image), "--out", str(out_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = next(csv.DictReader(open(out_dir / "predictions.csv")))
+    scores = {z: int(row[f"brixia_{z}"]) for z in "ABCDEF"} | {"global": int(row["brixia_global"])}
+    assert sum(scores[z] for z in "ABCDEF") == scores["global"] and len(scores) == 7
+    return scores
 
 
 def test_optional_secondary_capture_shows_the_outlines_for_pacs_without_seg(tmp_path, inputs):

@@ -127,3 +127,20 @@ def test_the_node_reaches_the_model_only_through_its_interface():
                 imported |= {alias.name for alias in node.names if alias.name.split(".")[0] == "model"}
         extra = {"model.evaluate", "model.training"} if path.name == "cli.py" else set()
         assert imported <= allowed | extra, (path.name, imported - allowed - extra)
+
+
+def test_derived_uids_are_the_same_in_every_process_and_differ_by_input():
+    from dicom_node.outputs import derived_uid
+
+    code = "from dicom_node.outputs import derived_uid; print(derived_uid('1.2.3', 'SR', '2.0.0'))"
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    uid = derived_uid("1.2.3", "SR", "2.0.0")
+    assert uid == other_process and pydicom_valid(uid)
+    assert len({uid, derived_uid("1.2.3", "SEG", "2.0.0"), derived_uid("1.2.3", "SR", "2.0.1"),
+                derived_uid("1.2.4", "SR", "2.0.0")}) == 4
+
+
+def pydicom_valid(uid: str) -> bool:
+    import pydicom
+
+    return pydicom.uid.UID(uid).is_valid and len(uid) <= 64

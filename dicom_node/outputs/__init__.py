@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,10 @@ OPACITY = codes.DCM.Opacity  # DCM 112001
 # No standard code exists for "opacity area as a percentage of lung area": a private scheme, as
 # DICOM PS3.16 allows (designators starting with 99 are private).
 OPACITY_PERCENT = Code("CXRN-1", "99CXRNODE", "Opacity percentage of lung area")
+# Nor for the Brixia score (Borghesi & Maroldi 2020) of a lung zone (0-3) or of both lungs (0-18).
+BRIXIA_ZONE_SCORE = Code("CXRN-2", "99CXRNODE", "Brixia zone score")
+BRIXIA_GLOBAL_SCORE = Code("CXRN-3", "99CXRNODE", "Brixia global score")
+SCORE_UNIT = Code("{score}", "UCUM", "score")
 PIXELS = Code("{pixels}", "UCUM", "pixels")
 
 
@@ -46,10 +51,15 @@ class Algorithm:
             contribution_description="Lung and opacity segmentation (AI), not verified by a physician")
 
 
+# (pydicom's generate_uid(prefix=None, entropy_srcs=...) ignores the sources and returns a random UID.)
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "cxr-node derived UIDs")
+
+
 def derived_uid(*parts: str) -> str:
-    """A UID that is the same every time for the same inputs: reprocessing an image after a crash
-    yields the same SOP Instance UIDs, so a PACS never stores a result twice."""
-    return pydicom.uid.generate_uid(prefix=None, entropy_srcs=list(parts))
+    """A UID that is the same every time for the same inputs: `2.25.` and the integer of the UUID5
+    of the parts (PS3.5 B.2). Reprocessing an image after a crash yields the same SOP Instance UIDs,
+    so a PACS never stores a result twice, and SEG and SR derive the same tracking UIDs."""
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def pixel_spacing_mm(source: pydicom.Dataset) -> tuple[float, float] | None:

@@ -11,7 +11,7 @@ import pydicom
 
 from dicom_node.outputs import MANUFACTURER, Algorithm, derived_uid
 from model.image import normalize_gray
-from model.infer import LEFT, RIGHT, Segmentation
+from model.infer import LEFT, RIGHT, ZONES, Segmentation
 
 OUTLINES = ((RIGHT, (0, 200, 0)), (LEFT, (0, 160, 255)))  # RGB, the SEG's segment colours
 OPACITY_RGB = (255, 60, 0)
@@ -27,8 +27,10 @@ def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(picture, contours, -1, colour, thickness)
     scale = max(gray.shape) / 1400
-    lines = [f"Opacity {seg.opacity_pct:.1f}% of lung area (R {seg.right_opacity_pct:.1f}%, L {seg.left_opacity_pct:.1f}%)",
-             NOTICE]
+    lines = [f"Opacity {seg.opacity_pct:.1f}% of lung area (R {seg.right_opacity_pct:.1f}%, L {seg.left_opacity_pct:.1f}%)"]
+    if seg.brixia:
+        lines.append(f"Brixia {seg.brixia_global}/18 (A-F: {' '.join(str(seg.brixia[z]) for z in ZONES)})")
+    lines.append(NOTICE)
     for index, text in enumerate(lines):
         origin = (round(20 * scale), round((40 + 36 * index) * scale))
         cv2.putText(picture, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (0, 0, 0), 4 * thickness, cv2.LINE_AA)

@@ -1,5 +1,6 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR): opacity % of both lungs, each lung and each
-zone, lung and opacity areas, referencing the SEG segments and the source image."""
+zone, the Brixia score of each zone and of both lungs, lung and opacity areas, referencing the SEG
+segments and the source image."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -9,8 +10,9 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, OPACITY_PERCENT, PIXELS, RIGHT_LUNG,
-                                Algorithm, derived_uid, pixel_spacing_mm)
+from dicom_node.outputs import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, LEFT_LUNG, MANUFACTURER, OPACITY,
+                                OPACITY_PERCENT, PIXELS, RIGHT_LUNG, SCORE_UNIT, Algorithm, derived_uid,
+                                pixel_spacing_mm)
 from dicom_node.outputs.seg import segment_tracking_uid
 from model.infer import LEFT, RIGHT, ZONES, Segmentation
 
@@ -58,8 +60,15 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
     zone_measurements = []
     for letter in ZONES:
         location, laterality = ZONE_SITES[letter]
-        zone_measurements.append(_percent(seg.zone_opacity_pct[letter],
-                                          [hd.sr.FindingSite(location, laterality=laterality)]))
+        site = [hd.sr.FindingSite(location, laterality=laterality)]
+        zone_measurements.append(_percent(seg.zone_opacity_pct[letter], site))
+        if seg.brixia:
+            zone_measurements.append(hd.sr.Measurement(name=BRIXIA_ZONE_SCORE, value=seg.brixia[letter],
+                                                       unit=SCORE_UNIT, finding_sites=site))
+    if seg.brixia:
+        zone_measurements.append(hd.sr.Measurement(
+            name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT,
+            finding_sites=[hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Bilateral)]))
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "zones", algorithm.version),

@@ -43,29 +43,29 @@ def prepare(data_dir: Path, quex_dir: Path, out_dir: Path, recipe: Recipe) -> In
     return Inputs(lungs, records, quex_records, quex, cohen)
 
 
-def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Recipe) -> dict:
+def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Recipe):
     """Cross-validate every variant (training the fold models a run does not have yet), write
-    ablation.json, the shipped variant's report in out_dir/cv and its contact sheet; print the table."""
+    ablation.json, the shipped variant's report in out_dir/cv and its contact sheet, print the table;
+    return the Brixia mapping fitted on the shipped variant's cross-validated rows."""
+    from model.brixia import BrixiaMapping, mean_rater_zone_scores
     from model.evaluate import summarize, write_report
-    from model.training.crossval import (VARIANTS, brixia_errors, brixia_from_zone_opacity, contact_sheet,
-                                         cross_validate)
+    from model.training.crossval import VARIANTS, brixia_from_zone_opacity, contact_sheet, cross_validate
     from model.training.report import ablation_table
 
     results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,
                              out_dir, recipe)
-    ablation = {}
+    ablation, rows = {}, {}
     for variant in VARIANTS:
-        ablation[variant] = summarize(results[variant])
-        ablation[variant]["brixia_mae"] = brixia_errors(brixia_from_zone_opacity(results[variant]))
+        rows[variant] = brixia_from_zone_opacity(results[variant])
+        ablation[variant] = summarize(rows[variant])
     (out_dir / "ablation.json").write_text(json.dumps(ablation, indent=1))
     shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
     (out_dir / "cv").mkdir(exist_ok=True)
-    write_report(results[shipped], out_dir / "cv", {
-        "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped,
-        "brixia_mae": ablation[shipped]["brixia_mae"], "model_version": recipe.version})
+    write_report(rows[shipped], out_dir / "cv", {
+        "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped, "model_version": recipe.version})
     contact_sheet(out_dir / "contact-sheet", out_dir / "cv" / "contact-sheet.png")
     print(ablation_table(ablation))
-    return ablation
+    return BrixiaMapping.fit(*mean_rater_zone_scores(results[shipped]))
 
 
 def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path | None = None) -> Path:
@@ -81,7 +81,7 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     duplicates = {q.filename for q in inputs.quex_records if q.cohen_filename}
     stage_a = quex_stage(inputs.lungs, inputs.quex.subset([n not in duplicates for n in inputs.quex.names]),
                          out_dir / "opacity-A", recipe)
-    report_cross_validation(inputs, stage_a, out_dir, recipe)
+    brixia = report_cross_validation(inputs, stage_a, out_dir, recipe)
 
     cohen = inputs.cohen if recipe.final_uses_polygons else without_polygons(inputs.cohen)
     final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex,
@@ -97,12 +97,13 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
         shutil.copy(WEIGHTS_DIR / "lungs.onnx", weights / "lungs.onnx")
     round_weights_to_float16(final)
     export_onnx(final, weights / "opacity.onnx")
+    brixia.save(weights / "brixia.json")
     write_manifest(weights, recipe.version, {"recipe": recipe.as_dict()})
     print(f"weights written to {weights}; copy them to model/weights/ to ship them")
     return weights
 
 
-def cross_validated_report(data_dir: Path, run_dir: Path, quex_dir: Path | None = None) -> dict:
+def cross_validated_report(data_dir: Path, run_dir: Path, quex_dir: Path | None = None):
     """Re-score a finished training run's cross-validation from its fold checkpoints (no training)."""
     from model.training.crossval import fold_checkpoints
     from model.training.stages import opacity_model_from

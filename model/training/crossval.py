@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from model.brixia import BrixiaMapping, mean_rater_zone_scores
 from model.data import QuexRecord, Record, rasterize_labelme
 from model.image import read_gray
 from model.evaluate import overlay, score_image
@@ -120,42 +121,15 @@ def contact_sheet(folder: Path, out_path: Path, columns: int = 6, tile: int = 25
 
 
 def brixia_from_zone_opacity(rows: list[dict]) -> list[dict]:
-    """Predicted Brixia zone scores (0-3) from each zone's opacity %, by an isotonic mapping fitted,
-    for the images of fold k, on the other folds' cross-validated rows only (nested: no image's
-    scores shape its own prediction). Returns rows with `brixia_predicted` {zone: score} added."""
-    from sklearn.isotonic import IsotonicRegression
-
+    """Every row with `brixia_predicted` {zone: score} and `brixia_global_predicted` added, the images of
+    fold k scored by a mapping fitted on the other folds' cross-validated rows only (nested: no image's
+    scores shape its own prediction)."""
     scored = [r for r in rows if r.get("brixia_zones")]
     out = []
-    for k in sorted({r["fold"] for r in scored}):
-        fit_rows = [r for r in scored if r["fold"] != k]
-        x = [r["zone_opacity_pct"][z] for r in fit_rows for z in "ABCDEF"]
-        y = [np.mean([zones[z] for zones in r["brixia_zones"].values()]) for r in fit_rows for z in "ABCDEF"]
-        mapping = IsotonicRegression(y_min=0, y_max=3, out_of_bounds="clip").fit(x, y)
-        for r in scored:
+    for k in sorted({r["fold"] for r in rows}):
+        mapping = BrixiaMapping.fit(*mean_rater_zone_scores([r for r in scored if r["fold"] != k]))
+        for r in rows:
             if r["fold"] == k:
-                predicted = np.rint(mapping.predict([r["zone_opacity_pct"][z] for z in "ABCDEF"]))
-                out.append(dict(r, brixia_predicted=dict(zip("ABCDEF", predicted.astype(int).tolist()))))
+                zones = mapping.zone_scores(r["zone_opacity_pct"])
+                out.append(dict(r, brixia_predicted=zones, brixia_global_predicted=sum(zones.values())))
     return out
-
-
-def brixia_errors(rows: list[dict]) -> dict:
-    """Mean absolute error of predicted zone and global Brixia scores against each rater, and of the
-    junior rater against the senior (the bar)."""
-    result = {}
-    for rater in ("senior", "junior"):
-        paired = [r for r in rows if rater in r["brixia_zones"]]
-        if paired:
-            result[f"vs_{rater}"] = {
-                "images": len(paired),
-                "zone_mae": float(np.mean([abs(r["brixia_predicted"][z] - r["brixia_zones"][rater][z]) for r in paired for z in "ABCDEF"])),
-                "global_mae": float(np.mean([abs(sum(r["brixia_predicted"].values()) - sum(r["brixia_zones"][rater].values())) for r in paired])),
-            }
-    both = [r for r in rows if len(r["brixia_zones"]) == 2]
-    if both:
-        result["junior_vs_senior"] = {
-            "images": len(both),
-            "zone_mae": float(np.mean([abs(r["brixia_zones"]["junior"][z] - r["brixia_zones"]["senior"][z]) for r in both for z in "ABCDEF"])),
-            "global_mae": float(np.mean([abs(sum(r["brixia_zones"]["junior"].values()) - sum(r["brixia_zones"]["senior"].values())) for r in both])),
-        }
-    return result

@@ -18,7 +18,7 @@ def ablation_table(ablation: dict) -> str:
         extent, brixia = m.get("opacity_pct_vs_extent", {}), m.get("opacity_pct_vs_brixia_global", {})
         polygons = m.get("opacity_vs_polygons", {})
         zones = m.get("zones_scored_0_by_both", {})
-        mae = m.get("brixia_mae", {}).get("vs_senior", {})
+        mae = m.get("brixia", {}).get("vs_senior", {})
         lines.append(
             f"| {variant} | {_fmt(extent.get('r2'))} ({_fmt(extent.get('spearman_rho'))}) | {_fmt(brixia.get('r2'))} | "
             f"{_fmt(m.get('zone_auc_senior', {}).get('pooled'))} / {_fmt(m.get('zone_auc_junior', {}).get('pooled'))} | "
