@@ -52,14 +52,14 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
     from model.training.crossval import VARIANTS, brixia_from_zone_opacity, contact_sheet, cross_validate
     from model.training.report import ablation_table
 
+    shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
     results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,
-                             out_dir, recipe)
+                             out_dir, recipe, sheet_variant=shipped)
     ablation, rows = {}, {}
     for variant in VARIANTS:
         rows[variant] = brixia_from_zone_opacity(results[variant])
         ablation[variant] = summarize(rows[variant])
     (out_dir / "ablation.json").write_text(json.dumps(ablation, indent=1))
-    shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
     (out_dir / "cv").mkdir(exist_ok=True)
     write_report(rows[shipped], out_dir / "cv", {
         "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped, "model_version": recipe.version})
@@ -84,9 +84,10 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     brixia = report_cross_validation(inputs, stage_a, out_dir, recipe)
 
     cohen = inputs.cohen if recipe.final_uses_polygons else without_polygons(inputs.cohen)
-    final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex,
-                        out_dir / "opacity-final", recipe, desc="opacity final")
-    plot_history(out_dir, out_dir / "training-curves.png")
+    final_dir = out_dir / ("final-B-polygons" if recipe.final_uses_polygons else "final-B-weak")
+    final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex, final_dir, recipe,
+                        desc="opacity final")
+    plot_history(out_dir / "opacity-A", final_dir, out_dir / "training-curves.png")
 
     weights = out_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)

@@ -64,9 +64,10 @@ def fold_checkpoints(out_dir: Path, recipe: Recipe) -> list[Path]:
 
 
 def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs, stage_a, cohen: Samples,
-                   quex: Samples, out_dir: Path, recipe: Recipe) -> dict[str, list[dict]]:
-    """Per variant, one scored row per Cohen image (from the fold model that never saw its patient).
-    Fold models are checkpointed in out_dir, so a rerun only scores."""
+                   quex: Samples, out_dir: Path, recipe: Recipe, sheet_variant: str) -> dict[str, list[dict]]:
+    """Per variant, one scored row per Cohen image (from the fold model that never saw its patient);
+    overlays of 24 seeded random images of `sheet_variant` in out_dir/contact-sheet. Fold models are
+    checkpointed in out_dir, so a rerun only scores."""
     fold_of = patient_folds(records, recipe.folds, recipe.seed)
     patient_of = {r.filename: r.patient for r in records}
     fold_of_name = {r.filename: fold_of[r.patient] for r in records}
@@ -80,8 +81,7 @@ def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs,
     results = {}
     for variant in VARIANTS:
         rows = []
-        last = variant == VARIANTS[-1]
-        sheet_dir = out_dir / "contact-sheet" if last else None
+        sheet_dir = out_dir / "contact-sheet" if variant == sheet_variant else None
         if sheet_dir:
             sheet_dir.mkdir(parents=True, exist_ok=True)
         for k in tqdm(range(recipe.folds), desc=f"CV {variant}"):

@@ -28,7 +28,7 @@ def ablation_table(ablation: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_history(run_dir: Path, out_path: Path) -> Path:
+def plot_history(stage_a_dir: Path, final_dir: Path, out_path: Path) -> Path:
     """Loss terms per epoch of stage A and of the final stage B, and the mean predicted opacity
     fraction of positive vs negative Brixia zones (a collapse to "no opacity" shows as both at 0)."""
     import matplotlib
@@ -36,14 +36,14 @@ def plot_history(run_dir: Path, out_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (folder, title) in zip(axes[:2], (("opacity-A", "stage A: QU-Ex"), ("opacity-final", "stage B: Cohen + QU-Ex"))):
-        history = json.loads((run_dir / folder / "history.json").read_text())
+    for ax, (folder, title) in zip(axes[:2], ((stage_a_dir, "stage A: QU-Ex"), (final_dir, "stage B: Cohen + QU-Ex"))):
+        history = json.loads((folder / "history.json").read_text())
         for key in ("loss", "pixels", "zone_negative", "zone_positive", "zone_ranking", "extent"):
             values = [h.get(key) for h in history]
             if any(v for v in values):
                 ax.plot([h["epoch"] for h in history], values, marker="o", label=key)
         ax.set(title=title, xlabel="epoch", ylabel="loss"); ax.legend(fontsize=7)
-    history = json.loads((run_dir / "opacity-final" / "history.json").read_text())
+    history = json.loads((final_dir / "history.json").read_text())
     for key, label in (("positive_zone_fraction", "zones scored >= 1"), ("negative_zone_fraction", "zones scored 0")):
         axes[2].plot([h["epoch"] for h in history], [h.get(key) for h in history], marker="o", label=label)
     axes[2].set(title="stage B: mean opacity probability per zone", xlabel="epoch", ylim=(0, 1)); axes[2].legend(fontsize=7)

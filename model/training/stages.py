@@ -36,11 +36,12 @@ def split_records(records, split):
 def lung_model(data_dir: Path, out_dir: Path, recipe: Recipe):
     """Right and left lung on the whole image (V7 masks: retrocardiac lung included): trained on the
     train split, best validation loss kept; or the shipped lungs, which this stage trained."""
-    model = network.build_unet(recipe.lung_size, 2)
     if not recipe.retrain_lungs:
+        model = network.build_unet(recipe.lung_size, 2)
         network.load_onnx_weights(model, WEIGHTS_DIR / "lungs.onnx")
         return model
-    setup(recipe.seed)
+    setup(recipe.seed)  # before the model is built: its initial weights are drawn from the seed
+    model = network.build_unet(recipe.lung_size, 2)
     parts = split_records([r for r in load_records(data_dir) if r.lung_mask_path], read_split())
     train, val = (lung_samples(parts[name], recipe.lung_size) for name in ("train", "val"))
     steps = recipe.lung_epochs * (len(train) // recipe.batch_size)
