@@ -31,7 +31,7 @@ OPACITY_SIZE = 256   # lung crop
 LUNG_THRESHOLD = 0.3
 OPACITY_THRESHOLD = 0.5
 # Masks are worked out on the image scaled to at most this side, then scaled up: the models see
-# 256 and 320 px, so larger grids only cost time (a 3k image's job: 2.4 s -> 1.4 s, docs/PERFORMANCE.md).
+# 256 px crops, so larger grids only cost time (a 3k image's job: 2.4 s -> 1.4 s, docs/PERFORMANCE.md).
 WORKING_SIDE = 1024
 # Lung confidence (mean lung probability over lung pixels) of a radiograph the right way round is
 # 0.94-0.95 on the DICOM test files and 0.77-0.86 on the same images inverted. Below 0.9 the image is

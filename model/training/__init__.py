@@ -37,9 +37,11 @@ def prepare(data_dir: Path, quex_dir: Path, out_dir: Path, recipe: Recipe) -> In
     size = recipe.opacity_size
     records = load_records(data_dir)
     quex_records = load_quex_records(quex_dir)
-    quex = cached(out_dir / "cache" / f"quex-{size}.npz", lambda: quex_samples(quex_records, lung_pipeline, size))
+    # The crops follow the lung model's lungs, so retrained lungs get caches of their own.
+    tag = f"{size}-retrained-lungs" if recipe.retrain_lungs else str(size)
+    quex = cached(out_dir / "cache" / f"quex-{tag}.npz", lambda: quex_samples(quex_records, lung_pipeline, size))
     labelled = [r for r in records if r.extent is not None or r.brixia_zones or r.labelme_path]
-    cohen = cached(out_dir / "cache" / f"cohen-{size}.npz", lambda: cohen_samples(labelled, lung_pipeline, size))
+    cohen = cached(out_dir / "cache" / f"cohen-{tag}.npz", lambda: cohen_samples(labelled, lung_pipeline, size))
     return Inputs(lungs, records, quex_records, quex, cohen)
 
 
