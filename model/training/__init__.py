@@ -74,6 +74,7 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     from model.export import export_onnx, round_weights_to_float16, write_manifest
     from model.infer import WEIGHTS_DIR
     from model.training.report import plot_history
+    from model.training.crossval import stage_b_tag
     from model.training.stages import cohen_stage, quex_stage, without_polygons
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -86,7 +87,7 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     brixia = report_cross_validation(inputs, stage_a, out_dir, recipe)
 
     cohen = inputs.cohen if recipe.final_uses_polygons else without_polygons(inputs.cohen)
-    final_dir = out_dir / ("final-B-polygons" if recipe.final_uses_polygons else "final-B-weak")
+    final_dir = out_dir / f"final-{stage_b_tag(recipe.final_uses_polygons)}"
     final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex, final_dir, recipe,
                         desc="opacity final")
     plot_history(out_dir / "opacity-A", final_dir, out_dir / "training-curves.png")

@@ -49,7 +49,9 @@ class CachedRunner:
 def score_records(records: list[Record], pipeline, grays: dict, fold: int, sheet: set, sheet_dir: Path | None) -> list[dict]:
     rows = []
     for record in records:
-        gray = grays.setdefault(record.filename, read_gray(record.image_path))
+        if record.filename not in grays:  # each image is read once for all variants and folds
+            grays[record.filename] = read_gray(record.image_path)
+        gray = grays[record.filename]
         seg = pipeline.segment(gray)
         rows.append(dict(score_image(record, seg), fold=fold))
         if sheet_dir is not None and record.filename in sheet:
@@ -58,9 +60,15 @@ def score_records(records: list[Record], pipeline, grays: dict, fold: int, sheet
     return rows
 
 
+def stage_b_tag(uses_polygons: bool) -> str:
+    """Folder tag of stage B models, by whether they learnt from the polygons' pixels."""
+    return "B-polygons" if uses_polygons else "B-weak"
+
+
 def fold_checkpoints(out_dir: Path, recipe: Recipe) -> list[Path]:
     """The stage B weights of every fold of every variant that trains one."""
-    return [out_dir / f"cv-{tag}-fold{k}" / "final.h5" for tag in ("B-weak", "B-polygons") for k in range(recipe.folds)]
+    return [out_dir / f"cv-{stage_b_tag(polygons)}-fold{k}" / "final.h5" for polygons in (False, True)
+            for k in range(recipe.folds)]
 
 
 def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs, stage_a, cohen: Samples,
@@ -88,12 +96,12 @@ def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs,
             if variant == "QU-Ex only":
                 model = stage_a
             else:
+                polygons = variant == VARIANTS[2]
                 train = cohen.subset([fold_of_name[n] != k for n in cohen.names])
-                train = train if "polygons" in variant else without_polygons(train)
+                train = train if polygons else without_polygons(train)
                 quex_k = quex.subset([quex_fold.get(n, -1) != k for n in quex.names])
-                tag = "B-polygons" if "polygons" in variant else "B-weak"
-                model = cohen_stage(lungs, stage_a_path, train, quex_k, out_dir / f"cv-{tag}-fold{k}", recipe,
-                                    desc=f"{variant} fold {k}")
+                model = cohen_stage(lungs, stage_a_path, train, quex_k, out_dir / f"cv-{stage_b_tag(polygons)}-fold{k}",
+                                    recipe, desc=f"{variant} fold {k}")
             pipeline = keras_pipeline(lungs, model)
             pipeline.lung_runner = lung_runner
             rows += score_records([r for r in records if fold_of[r.patient] == k], pipeline, grays, k, sheet, sheet_dir)
