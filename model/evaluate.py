@@ -29,7 +29,7 @@ def score_image(record: Record, seg: Segmentation) -> dict:
            "extent": record.extent, "brixia_global": record.brixia_global,
            "went_icu": record.row.get("went_icu", ""), "survival": record.row.get("survival", ""),
            "view": record.row.get("view", ""), "inverted": seg.inverted,
-           "zone_opacity_pct": dict(seg.zone_opacity_pct),
+           "zone_opacity_pct": dict(seg.zone_opacity_pct), "zone_opacity_score": dict(seg.zone_opacity_score),
            **({"brixia_predicted": seg.brixia, "brixia_global_predicted": seg.brixia_global} if seg.brixia else {}),
            "brixia_zones": {rater: zones for rater, zones in (("senior", record.brixia_zones),
                                                                ("junior", record.brixia_junior_zones)) if zones}}
@@ -94,19 +94,21 @@ def brixia_errors(rows: list[dict]) -> dict:
 
 
 def zone_metrics(rows: list[dict]) -> dict:
-    """Brixia zones (A-F, thirds of each lung) against the predicted opacity % of the same zone: ROC AUC
-    for "zone score >= 1" per rater, pooled over zones and per zone; the median predicted opacity % in
-    zones both raters scored 0."""
+    """Brixia zones (A-F, thirds of each lung) against the same zone's expected opacity % (the figure the
+    Brixia scores are read from; `zone_auc_<rater>`) and its opacity area % (`zone_auc_area_<rater>`):
+    ROC AUC for "zone score >= 1" per rater, pooled over zones and per zone; the median opacity area %
+    in zones both raters scored 0."""
     result = {}
     scored = [r for r in rows if r.get("brixia_zones")]
-    for rater in ("senior", "junior"):
-        pairs = [(r["zone_opacity_pct"][z], r["brixia_zones"][rater][z], z) for r in scored
+    for rater, figure, key in [(rater, figure, key) for rater in ("senior", "junior") for figure, key in
+                               (("zone_opacity_score", f"zone_auc_{rater}"), ("zone_opacity_pct", f"zone_auc_area_{rater}"))]:
+        pairs = [(r[figure][z], r["brixia_zones"][rater][z], z) for r in scored
                  if rater in r["brixia_zones"] for z in ZONES]
         if pairs:
-            result[f"zone_auc_{rater}"] = {"pooled": roc_auc([p for p, _, _ in pairs], [s >= 1 for _, s, _ in pairs])["auc"],
-                                           **{z: roc_auc([p for p, _, zz in pairs if zz == z],
-                                                         [s >= 1 for _, s, zz in pairs if zz == z])["auc"] for z in ZONES},
-                                           "zones": len(pairs)}
+            result[key] = {"pooled": roc_auc([p for p, _, _ in pairs], [s >= 1 for _, s, _ in pairs])["auc"],
+                           **{z: roc_auc([p for p, _, zz in pairs if zz == z],
+                                         [s >= 1 for _, s, zz in pairs if zz == z])["auc"] for z in ZONES},
+                           "zones": len(pairs)}
     clean = [r["zone_opacity_pct"][z] for r in scored if len(r["brixia_zones"]) == 2 for z in ZONES
              if r["brixia_zones"]["senior"][z] == 0 and r["brixia_zones"]["junior"][z] == 0]
     if clean:
@@ -213,10 +215,11 @@ def print_table(metrics: dict) -> None:
         if c and c["r2"] is not None:
             lines.append(f"opacity % vs {score} (n={c['n']}): r^2 {c['r2']:.3f}  Spearman {c['spearman_rho']:.3f}")
     for rater in ("senior", "junior"):
-        z = metrics.get(f"zone_auc_{rater}")
-        if z and z["pooled"] is not None:
-            lines.append(f"zone AUC for score >= 1, {rater} (zones={z['zones']}): pooled {z['pooled']:.3f}; "
-                         + " ".join(f"{k} {z[k]:.2f}" for k in ZONES if z[k] is not None))
+        for figure, key in (("expected opacity %", f"zone_auc_{rater}"), ("opacity area %", f"zone_auc_area_{rater}")):
+            z = metrics.get(key)
+            if z and z["pooled"] is not None:
+                lines.append(f"zone AUC for score >= 1 by {figure}, {rater} (zones={z['zones']}): pooled {z['pooled']:.3f}; "
+                             + " ".join(f"{k} {z[k]:.2f}" for k in ZONES if z[k] is not None))
     if "zones_scored_0_by_both" in metrics:
         c = metrics["zones_scored_0_by_both"]
         lines.append(f"zones both raters scored 0 (n={c['zones']}): median opacity {c['median_opacity_pct']:.2f} %, "
@@ -254,18 +257,19 @@ def evaluate(data_dir: Path, out_dir: Path, pipeline: Pipeline, split: str = "al
 
 
 def write_report(rows: list[dict], out_dir: Path, about: dict) -> dict:
-    """metrics.json, per_image.csv (zone columns: predicted opacity % of Brixia zones A-F), ROC and
-    scatter PNGs, and the table on stdout."""
+    """metrics.json, per_image.csv (zone columns: opacity area % and expected opacity % of Brixia zones
+    A-F), ROC and scatter PNGs, and the table on stdout."""
     metrics = summarize(rows)
     metrics.update(about)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    zone_columns = [f"zone_{z}_opacity_pct" for z in ZONES]
+    zone_columns = {f"zone_{z}_{name}": (figure, z) for figure, name in
+                    (("zone_opacity_pct", "opacity_pct"), ("zone_opacity_score", "expected_opacity_pct")) for z in ZONES}
     with open(out_dir / "per_image.csv", "w", newline="") as handle:
         columns = ["filename", "patient", "view", "inverted", "opacity_pct", *zone_columns, "lung_dice",
                    "labelme_opacity_pct", "opacity_pct_abs_error", "extent", "brixia_global", "went_icu", "survival"]
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(dict(r, **{c: r["zone_opacity_pct"][z] for c, z in zip(zone_columns, ZONES)}) for r in rows)
+        writer.writerows(dict(r, **{c: r[figure][z] for c, (figure, z) in zone_columns.items()}) for r in rows)
     plot_curves(metrics, rows, out_dir)
     print_table(metrics)
     return metrics

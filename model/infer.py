@@ -53,6 +53,10 @@ class Segmentation:
     opacity: np.ndarray          # bool, always inside the lungs
     lung_confidence: float       # mean lung probability over predicted lung pixels (0..1)
     zone_opacity_pct: dict = field(default_factory=dict)  # Brixia zone letter -> opacity % of that zone
+    # Brixia zone letter -> expected opacity % of that zone: the mean opacity probability over its lung
+    # pixels. Faint opacity below the 0.5 threshold still counts here, so zones that show 0 % opacity
+    # area are still ranked; the Brixia scores are read from it.
+    zone_opacity_score: dict = field(default_factory=dict)
     inverted: bool = False       # the pixels were read inverted: their polarity label contradicted them
     brixia: dict = field(default_factory=dict)  # Brixia zone letter -> score 0-3 (empty without a mapping)
 
@@ -153,16 +157,21 @@ class Pipeline:
         are clearer inverted is read inverted, and says so) -> Segmentation at the input's size."""
         height, width = gray.shape
         image, lungs, confidence, inverted = self.oriented_lungs(working_image(gray))
-        opacity = (self.opacity_probability(image, lungs) >= OPACITY_THRESHOLD) & (lungs > 0)
+        probability = self.opacity_probability(image, lungs)
+        opacity = (probability >= OPACITY_THRESHOLD) & (lungs > 0)
+        working_zones = zone_map(lungs)
+        zone_opacity_score = {letter: 100.0 * float(probability[working_zones == index].mean())
+                              if (working_zones == index).any() else 0.0 for index, letter in enumerate(ZONES, start=1)}
         if image.shape != gray.shape:
             lungs = cv2.resize(lungs, (width, height), interpolation=cv2.INTER_NEAREST)
             opacity = cv2.resize(opacity.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-        result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence, inverted=inverted)
+        result = Segmentation(lungs=lungs, opacity=opacity, lung_confidence=confidence, inverted=inverted,
+                              zone_opacity_score=zone_opacity_score)
         zones = zone_map(lungs)
         result.zone_opacity_pct = {letter: result.opacity_pct_of(zones == index)
                                    for index, letter in enumerate(ZONES, start=1)}
         if self.brixia is not None:
-            result.brixia = self.brixia.zone_scores(result.zone_opacity_pct)
+            result.brixia = self.brixia.zone_scores(result.zone_opacity_score)
         return result
 
 

@@ -142,7 +142,7 @@ def test_folds_keep_patients_and_their_qu_ex_duplicates_together(cxr_dir, quex_d
 
 
 def test_brixia_mapping_for_a_fold_never_uses_that_folds_scores():
-    """Zone scores follow opacity % (0-24 % -> 0, ... 75-100 % -> 3); reversing fold 0's own scores
+    """Zone scores follow expected opacity % (0-24 % -> 0, ... 75-100 % -> 3); reversing fold 0's own scores
     must change nothing for fold 0, and the other folds learn the rule."""
     from model.training.crossval import brixia_from_zone_opacity
 
@@ -150,7 +150,7 @@ def test_brixia_mapping_for_a_fold_never_uses_that_folds_scores():
     rule = np.minimum(3, pct // 25)
 
     def rows(fold0_reversed):
-        return [{"fold": i % 3, "zone_opacity_pct": dict(zip("ABCDEF", pct[i])),
+        return [{"fold": i % 3, "zone_opacity_score": dict(zip("ABCDEF", pct[i])),
                  "brixia_zones": {"senior": dict(zip("ABCDEF", (3 - rule[i] if fold0_reversed and i % 3 == 0
                                                                 else rule[i]).tolist()))}}
                 for i in range(60)]

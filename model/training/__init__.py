@@ -48,7 +48,8 @@ def prepare(data_dir: Path, quex_dir: Path, out_dir: Path, recipe: Recipe) -> In
 def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Recipe):
     """Cross-validate every variant (training the fold models a run does not have yet), write
     ablation.json, the shipped variant's report in out_dir/cv and its contact sheet, print the table;
-    return the Brixia mapping fitted on the shipped variant's cross-validated rows."""
+    return (and write to out_dir/cv/brixia.json) the Brixia mapping fitted on the shipped variant's
+    cross-validated rows."""
     from model.brixia import BrixiaMapping, mean_rater_zone_scores
     from model.evaluate import summarize, write_report
     from model.training.crossval import VARIANTS, brixia_from_zone_opacity, contact_sheet, cross_validate
@@ -67,7 +68,9 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
         "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped, "model_version": recipe.version})
     contact_sheet(out_dir / "contact-sheet", out_dir / "cv" / "contact-sheet.png")
     print(ablation_table(ablation))
-    return BrixiaMapping.fit(*mean_rater_zone_scores(results[shipped]))
+    brixia = BrixiaMapping.fit(*mean_rater_zone_scores(results[shipped]))
+    brixia.save(out_dir / "cv" / "brixia.json")
+    return brixia
 
 
 def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path | None = None) -> Path:

@@ -138,6 +138,6 @@ def brixia_from_zone_opacity(rows: list[dict]) -> list[dict]:
         mapping = BrixiaMapping.fit(*mean_rater_zone_scores([r for r in scored if r["fold"] != k]))
         for r in rows:
             if r["fold"] == k:
-                zones = mapping.zone_scores(r["zone_opacity_pct"])
+                zones = mapping.zone_scores(r["zone_opacity_score"])
                 out.append(dict(r, brixia_predicted=zones, brixia_global_predicted=sum(zones.values())))
     return out

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Recipe:
-    version: str = "2.0.0"
+    version: str = "2.1.0"
     seed: int = 20201
     batch_size: int = 8
 

@@ -11,7 +11,7 @@ def _fmt(value, digits=3):
 
 def ablation_table(ablation: dict) -> str:
     """Markdown table: what each source of opacity supervision gives, cross-validated by patient."""
-    lines = ["| supervision | r² vs extent (Spearman) | r² vs Brixia global | zone AUC senior / junior | "
+    lines = ["| supervision | r² vs extent (Spearman) | r² vs Brixia global | zone AUC senior / junior (area %) | "
              "median % in zones scored 0 | polygon IoU pooled / mean | polygon Dice pooled | opacity % MAE | Brixia zone / global MAE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for variant, m in ablation.items():
@@ -21,7 +21,8 @@ def ablation_table(ablation: dict) -> str:
         mae = m.get("brixia", {}).get("vs_senior", {})
         lines.append(
             f"| {variant} | {_fmt(extent.get('r2'))} ({_fmt(extent.get('spearman_rho'))}) | {_fmt(brixia.get('r2'))} | "
-            f"{_fmt(m.get('zone_auc_senior', {}).get('pooled'))} / {_fmt(m.get('zone_auc_junior', {}).get('pooled'))} | "
+            f"{_fmt(m.get('zone_auc_senior', {}).get('pooled'))} / {_fmt(m.get('zone_auc_junior', {}).get('pooled'))} "
+            f"({_fmt(m.get('zone_auc_area_senior', {}).get('pooled'))} / {_fmt(m.get('zone_auc_area_junior', {}).get('pooled'))}) | "
             f"{_fmt(zones.get('median_opacity_pct'), 2)} | {_fmt(polygons.get('iou_pooled'))} / {_fmt(polygons.get('iou_mean'))} | "
             f"{_fmt(polygons.get('dice_pooled'))} | {_fmt(polygons.get('opacity_pct_mae'), 1)} | "
             f"{_fmt(mae.get('zone_mae'), 2)} / {_fmt(mae.get('global_mae'), 2)} |")
