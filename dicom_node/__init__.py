@@ -1,2 +1,2 @@
 """cxr-node: a DICOM node that segments lungs and COVID-19 opacity on frontal chest radiographs."""
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -68,9 +68,9 @@ def cmd_retry(args) -> int:
     from dicom_node.queue import Queue
 
     queue = Queue(_config(args).state_dir / "queue.sqlite3")
-    count = queue.retry_failed(args.uid)
-    print(f"{count} failed instance(s) queued again")
-    return 0 if count or not args.uid else 1
+    instances, results = queue.retry_failed(args.uid), queue.retry_failed_results(args.uid)
+    print(f"{instances} failed instance(s) queued again; {results} refused result(s) to be sent again")
+    return 0 if instances or results or not args.uid else 1
 
 
 def cmd_predict(args) -> int:
@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--uid", help="show one instance by SOP Instance UID")
     status.set_defaults(handler=cmd_status)
     commands.add_parser("echo", parents=[config], help="C-ECHO this node and every destination (exit 1 if one fails)").set_defaults(handler=cmd_echo)
-    retry = commands.add_parser("retry", parents=[config], help="queue failed instances again")
-    retry.add_argument("--uid", help="only this SOP Instance UID (default: every failed instance)")
+    retry = commands.add_parser("retry", parents=[config], help="queue failed instances and refused results again")
+    retry.add_argument("--uid", help="only this SOP Instance UID: a source instance (and its refused results) or "
+                                     "one result (default: everything failed)")
     retry.set_defaults(handler=cmd_retry)
 
     predict = commands.add_parser("predict", help="lung and opacity masks for PNG, JPEG or DICOM files")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 # config/default.toml, reached through a link inside the package so that a built wheel carries it too.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
@@ -15,11 +16,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class OutboundTLS:
+    """DICOM TLS to one destination: its server certificate is checked against `ca_certificates`
+    (and its host name); this node's certificate is offered when the destination asks for one."""
+    ca_certificates: Path
+    certificate: Path | None
+    private_key: Path | None
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
+    sr_only_with_seg: bool = False  # send an SR only once its SEG is stored there
+    tls: OutboundTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class Config:
     health_bind: str
     health_port: int
     log_level: str
+    audit_log: Path
+    audit_syslog: str
     source: list = field(default_factory=list)
 
 
@@ -110,6 +124,46 @@ def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
                        require_client)
 
 
+def _syslog(value) -> str:
+    """"" (off), or udp://host[:port] / tcp://host[:port] of a syslog collector."""
+    if value == "":
+        return ""
+    parsed = urlparse(str(value))
+    if parsed.scheme not in ("udp", "tcp") or not parsed.hostname:
+        raise ConfigError(f"audit.syslog: udp://host:port or tcp://host:port of a syslog collector, got {value!r}")
+    return str(value)
+
+
+DESTINATION_KEYS = {"name", "ae_title", "host", "port", "sr_only_with_seg", "tls_ca_certificates",
+                    "tls_certificate", "tls_private_key"}
+
+
+def _destination(entry: dict, key: str, base_dir: Path) -> Destination:
+    missing = {"name", "ae_title", "host", "port"} - set(entry)
+    if missing:
+        raise ConfigError(f"{key}: missing {', '.join(sorted(missing))}")
+    unknown = set(entry) - DESTINATION_KEYS
+    if unknown:
+        raise ConfigError(f"unknown setting '{key}.{sorted(unknown)[0]}'")
+
+    def pem(name: str) -> Path | None:
+        if not entry.get(name):
+            return None
+        path = (base_dir / entry[name]).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{key}.{name}: no such file {path}")
+        return path
+    ca, certificate, private_key = pem("tls_ca_certificates"), pem("tls_certificate"), pem("tls_private_key")
+    if (certificate is None) != (private_key is None):
+        raise ConfigError(f"{key}: tls_certificate and tls_private_key go together")
+    if certificate and not ca:
+        raise ConfigError(f"{key}.tls_ca_certificates: needed for TLS (the CA that signs the destination's certificate)")
+    return Destination(str(entry["name"]), _ae_title(entry["ae_title"], f"{key}.ae_title"), str(entry["host"]),
+                       _number(entry, "port", key, minimum=1),
+                       _flag({"sr_only_with_seg": False, **entry}, "sr_only_with_seg", key),
+                       OutboundTLS(ca, certificate, private_key) if ca else None)
+
+
 def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:
     """Defaults, then the site file at `path`. Relative folders resolve against `base_dir`
     (the current directory by default)."""
@@ -127,17 +181,11 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
     port = _number(node, "port", "node", minimum=1)
     if port > 65535:
         raise ConfigError(f"node.port: must be <= 65535, got {port}")
-    destinations = []
-    for index, entry in enumerate(raw.get("destinations", [])):
-        key = f"destinations[{index}]"
-        missing = {"name", "ae_title", "host", "port"} - set(entry)
-        if missing:
-            raise ConfigError(f"{key}: missing {', '.join(sorted(missing))}")
-        destinations.append(Destination(str(entry["name"]), _ae_title(entry["ae_title"], f"{key}.ae_title"),
-                                        str(entry["host"]), _number(entry, "port", key, minimum=1)))
+    base_dir = Path(base_dir or Path.cwd())
+    destinations = [_destination(entry, f"destinations[{index}]", base_dir)
+                    for index, entry in enumerate(raw.get("destinations", []))]
     if len({d.name for d in destinations}) != len(destinations):
         raise ConfigError("destinations: names must be unique")
-    base_dir = Path(base_dir or Path.cwd())
     tls = _tls(raw["tls"], base_dir)
     level = str(raw["logging"]["level"]).upper()
     if level not in LOG_LEVELS:
@@ -164,5 +212,6 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         retry_max_seconds=_number(raw["retry"], "max_seconds", "retry", float, 0.1),
         retention_days=_number(raw["retention"], "days", "retention", float),
         health_bind=str(raw["health"]["bind"]), health_port=_number(raw["health"], "port", "health"),
-        log_level=level, source=sources,
+        log_level=level, audit_log=state_dir / raw["audit"]["file"], audit_syslog=_syslog(raw["audit"]["syslog"]),
+        source=sources,
     )

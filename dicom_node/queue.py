@@ -1,8 +1,9 @@
 """Job states in SQLite (WAL, synchronous=FULL): the only place that knows them.
 
 instances: received -> queued (study stable) -> processing -> done | skipped | failed
-results:   one row per (result object, destination): pending -> sent;  'written' when no
-           destination is configured (the file in results_dir is the delivery).
+results:   one row per (result object, destination): pending -> sent (also when stored with a
+           warning) | failed (a permanent refusal, kept with its reason until `retry`);
+           'written' when no destination is configured (the file in results_dir is the delivery).
 Every transition is one committed transaction, so a crash at any point leaves a state to resume
 from: `recover` puts interrupted 'processing' jobs back in the queue at start-up.
 """
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
 """
 INSTANCE_STATES = ("received", "queued", "processing", "done", "skipped", "failed")
-RESULT_STATES = ("pending", "sent", "written")
+RESULT_STATES = ("pending", "sent", "written", "failed")
 NO_DESTINATION = ""
 
 
@@ -137,14 +138,38 @@ class Queue:
             (time.time(), *args)).rowcount)
 
     # ------------------------------------------------------------ sender side
-    def due_results(self, destination: str, limit: int = 50) -> list[dict]:
-        return self._query("SELECT * FROM results WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
-                           " ORDER BY created_at LIMIT ?", (destination, time.time(), limit))
+    def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[dict]:
+        """Pending results whose backoff has passed, SEG before SR of the same source; with
+        `sr_only_with_seg`, an SR only once the SEG it references is stored at that destination."""
+        held = (" AND NOT (r.kind = 'SR' AND EXISTS (SELECT 1 FROM results s WHERE s.source_sop_uid = r.source_sop_uid"
+                " AND s.destination = r.destination AND s.kind = 'SEG' AND s.state != 'sent'))") if sr_only_with_seg else ""
+        return self._query("SELECT * FROM results r WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
+                           f"{held} ORDER BY created_at, kind = 'SR' LIMIT ?", (destination, time.time(), limit))
 
-    def mark_sent(self, sop_uid: str, destination: str) -> None:
+    def mark_sent(self, sop_uid: str, destination: str, warning: str | None = None) -> None:
+        """Stored; a warning status (e.g. coerced attributes) is kept in last_error for the record."""
         self._transaction(lambda db: db.execute(
-            "UPDATE results SET state = 'sent', sent_at = ?, last_error = NULL, attempts = attempts + 1"
-            " WHERE sop_uid = ? AND destination = ?", (time.time(), sop_uid, destination)))
+            "UPDATE results SET state = 'sent', sent_at = ?, last_error = ?, attempts = attempts + 1"
+            " WHERE sop_uid = ? AND destination = ?", (time.time(), warning, sop_uid, destination)))
+
+    def mark_send_refused(self, sop_uid: str, destination: str, reason: str) -> None:
+        """A permanent failure: state 'failed' with the reason; sent again only after `retry_failed_results`."""
+        self._transaction(lambda db: db.execute(
+            "UPDATE results SET state = 'failed', attempts = attempts + 1, last_error = ?, next_attempt_at = NULL"
+            " WHERE sop_uid = ? AND destination = ?", (reason, sop_uid, destination)))
+
+    def refuse_held_reports(self, source_sop_uid: str, destination: str, reason: str) -> int:
+        """The pending SRs of a source whose SEG was refused at `destination` (sr_only_with_seg): failed too."""
+        return self._transaction(lambda db: db.execute(
+            "UPDATE results SET state = 'failed', last_error = ?, next_attempt_at = NULL WHERE source_sop_uid = ?"
+            " AND destination = ? AND kind = 'SR' AND state = 'pending'", (reason, source_sop_uid, destination)).rowcount)
+
+    def retry_failed_results(self, uid: str | None = None) -> int:
+        """failed -> pending, due now: every refused result, or those of one result or source UID."""
+        where, args = ("AND (sop_uid = ? OR source_sop_uid = ?)", (uid, uid)) if uid else ("", ())
+        return self._transaction(lambda db: db.execute(
+            f"UPDATE results SET state = 'pending', next_attempt_at = ? WHERE state = 'failed' {where}",
+            (time.time(), *args)).rowcount)
 
     def mark_send_failed(self, sop_uid: str, destination: str, error: str, initial: float, maximum: float) -> None:
         """Exponential backoff: initial * 2^attempts, capped at maximum. Never dropped."""
@@ -167,9 +192,10 @@ class Queue:
     def last_errors(self, limit: int = 10) -> list[dict]:
         failed = self._query("SELECT sop_uid, 'instance' kind, reason error, updated_at at FROM instances"
                              " WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
-        sending = self._query("SELECT sop_uid, 'send to ' || destination kind, last_error error, next_attempt_at at"
-                              " FROM results WHERE state = 'pending' AND last_error IS NOT NULL"
-                              " ORDER BY next_attempt_at DESC LIMIT ?", (limit,))
+        sending = self._query("SELECT sop_uid, CASE state WHEN 'failed' THEN 'refused by ' ELSE 'send to ' END"
+                              " || destination kind, last_error error, COALESCE(next_attempt_at, created_at) at"
+                              " FROM results WHERE state IN ('pending', 'failed') AND last_error IS NOT NULL"
+                              " ORDER BY at DESC LIMIT ?", (limit,))
         return failed + sending
 
     def instance(self, sop_uid: str) -> dict | None:
@@ -177,13 +203,15 @@ class Queue:
         return rows[0] if rows else None
 
     def expired_files(self, older_than: float) -> list[str]:
-        """Files of finished work older than the retention: inputs whose results all left, results sent."""
+        """Files of finished work older than the retention: inputs whose results all left, results sent
+        everywhere (a refused result keeps its file for `retry`)."""
         inputs = self._query(
             "SELECT path FROM instances i WHERE state IN ('done', 'skipped') AND updated_at < ? AND path != ''"
             " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.source_sop_uid = i.sop_uid AND r.state = 'pending')",
             (older_than,))
         results = self._query("SELECT path FROM results WHERE state = 'sent' AND sent_at < ? AND path != ''"
-                              " AND sop_uid NOT IN (SELECT sop_uid FROM results WHERE state = 'pending')", (older_than,))
+                              " AND sop_uid NOT IN (SELECT sop_uid FROM results WHERE state IN ('pending', 'failed'))",
+                              (older_than,))
         return [r["path"] for r in inputs + results]
 
     def forget_files(self, paths: list[str]) -> None:

@@ -15,6 +15,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, TLSSettings
 from dicom_node.logs import log
 from dicom_node.metrics import RECEIVED
@@ -61,29 +62,39 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
 
 
 class Receiver:
-    def __init__(self, config: Config, queue: Queue, spool: Spool):
-        self.config, self.queue, self.spool = config, queue, spool
+    def __init__(self, config: Config, queue: Queue, spool: Spool, audit: AuditTrail | None = None):
+        self.config, self.queue, self.spool, self.audit = config, queue, spool, audit
         self.server = None
 
     def handle_store(self, event) -> int:
+        status, header, outcome = self._store(event)
+        if self.audit:
+            self.audit.instance_received(event.assoc.requestor.ae_title, event.assoc.requestor.address, header,
+                                         str(event.request.AffectedSOPClassUID or ""),
+                                         str(event.request.AffectedSOPInstanceUID or ""), status == 0x0000, outcome)
+        return status
+
+    def _store(self, event) -> tuple[int, object, str]:
+        """(status, the data set's header or None, what happened)."""
         calling = event.assoc.requestor.ae_title
         uid = str(event.request.AffectedSOPInstanceUID or "")
         free_mb = self.spool.free_mb()
         if free_mb < self.config.min_free_mb:
             RECEIVED.labels("out_of_resources").inc()
             log("refused: disk below watermark", 30, uid=uid, calling_ae=calling, free_mb=round(free_mb))
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, None, "refused: disk below watermark"
         try:
             path = self.spool.input_path(uid)
         except ValueError:
             RECEIVED.labels("bad_uid").inc()
             log("refused: unusable SOP Instance UID", 30, calling_ae=calling, uid=uid[:80])
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, None, "refused: unusable SOP Instance UID"
         if self.queue.known(uid):
             RECEIVED.labels("duplicate").inc()
             log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
-            return 0x0000
+            return 0x0000, None, "duplicate: already held"
         received = event.dataset_path  # pynetdicom streamed the data set into the spool's incoming folder
+        ds = None
         try:
             ds = pydicom.dcmread(received, stop_before_pixels=True)
             problem = check_dataset(ds, str(event.request.AffectedSOPClassUID), uid)
@@ -92,18 +103,18 @@ class Receiver:
         if problem:
             RECEIVED.labels("invalid").inc()
             log("refused: " + problem[1], 30, uid=uid, calling_ae=calling, status=f"0x{problem[0]:04X}")
-            return problem[0]
+            return problem[0], ds, "refused: " + problem[1]
         try:
             Spool.commit(received, path)
         except OSError as error:  # disk full between the watermark check and the write
             RECEIVED.labels("out_of_resources").inc()
             log("refused: spool write failed", 40, uid=uid, calling_ae=calling, error=error.strerror)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, ds, "refused: spool write failed"
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         self.queue.record_received(uid, study, series, str(event.request.AffectedSOPClassUID), calling, path)
         RECEIVED.labels("accepted").inc()
         log("instance received", uid=uid, study_uid=study, calling_ae=calling)
-        return 0x0000
+        return 0x0000, ds, ""
 
     def start(self) -> None:
         # Data sets stream to a file as they arrive (no copy held in memory per association); the
@@ -119,16 +130,23 @@ class Receiver:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
+                    (evt.EVT_ACCEPTED, self._accepted)]
         self.server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers,
                                       ssl_context=tls_context(self.config.tls) if self.config.tls else None)
         log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port,
             tls=bool(self.config.tls))
 
-    @staticmethod
-    def _rejected(event) -> None:
-        log("association rejected", 30, calling_ae=event.assoc.requestor.ae_title,
-            called_ae=event.assoc.requestor.primitive.called_ae_title if event.assoc.requestor.primitive else "")
+    def _accepted(self, event) -> None:
+        if self.audit:
+            self.audit.association(event.assoc.requestor.ae_title, event.assoc.requestor.address, accepted=True)
+
+    def _rejected(self, event) -> None:
+        called = event.assoc.requestor.primitive.called_ae_title if event.assoc.requestor.primitive else ""
+        log("association rejected", 30, calling_ae=event.assoc.requestor.ae_title, called_ae=called)
+        if self.audit:
+            self.audit.association(event.assoc.requestor.ae_title, event.assoc.requestor.address, accepted=False,
+                                   detail=f"association rejected (called AE title {called!r})")
 
     def stop(self) -> None:
         if self.server is not None:

@@ -5,9 +5,10 @@ import os
 import signal
 import threading
 
+from dicom_node.audit import AuditTrail
 from dicom_node.config import Config
 from dicom_node.logs import log, setup_logging
-from dicom_node.outputs import Algorithm
+from dicom_node.outputs.identity import Algorithm
 from dicom_node.queue import Queue
 from dicom_node.receiver import Receiver
 from dicom_node.scheduler import start_scheduler
@@ -39,15 +40,17 @@ def serve(config: Config) -> int:
         removed_partial_files=removed, destinations=[d.name for d in config.destinations] or "results_dir")
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
     algorithm = algorithm_identity()
+    audit = AuditTrail(config.audit_log, config.ae_title, config.audit_syslog)
+    audit.application(started=True)
     stop = threading.Event()
     worker = Worker(queue, spool, pipeline, algorithm, [d.name for d in config.destinations], config.results_dir,
                     config.min_free_mb, config.secondary_capture)  # stateless between jobs: threads share it
     workers = [threading.Thread(target=worker.run, args=(stop,), name=f"worker-{i}") for i in range(config.workers)]
     for thread in workers:
         thread.start()
-    receiver = Receiver(config, queue, spool)
+    receiver = Receiver(config, queue, spool, audit)
     receiver.start()
-    scheduler = start_scheduler(config, queue, spool, Sender(config, queue))
+    scheduler = start_scheduler(config, queue, spool, Sender(config, queue, audit))
     health = None
     if config.health_port:
         from dicom_node.health import start_health_server
@@ -66,5 +69,6 @@ def serve(config: Config) -> int:
     if health:
         health.shutdown()
     queue.close()
+    audit.application(started=False)
     log("stopped")
     return 0

@@ -15,9 +15,10 @@ import pydicom
 from dicom_node import filter as chest_filter
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
-from dicom_node.outputs import Algorithm, no_patient_data_in_warnings, prepare_source
 from dicom_node.outputs.capture import build_capture
+from dicom_node.outputs.identity import Algorithm
 from dicom_node.outputs.seg import build_segmentation
+from dicom_node.outputs.source import no_patient_data_in_warnings, prepare_source
 from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
 from dicom_node.queue import Queue

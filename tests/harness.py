@@ -47,8 +47,11 @@ class Orthanc:
 
     DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None, dicomweb: bool = False):
-        self.folder, self.aet, self.dicomweb = Path(folder), aet, dicomweb
+    def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None, dicomweb: bool = False,
+                 tls: dict | None = None):
+        """`tls`: {"certificate", "private_key", "trusted"} PEM paths: DICOM TLS only, client certificates
+        from `trusted` required."""
+        self.folder, self.aet, self.dicomweb, self.tls = Path(folder), aet, dicomweb, tls
         self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
         self.process = None
 
@@ -60,6 +63,10 @@ class Orthanc:
                   "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
                   "Plugins": [self.DICOMWEB_PLUGIN] if self.dicomweb else [],
                   "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"}}
+        if self.tls:
+            config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": self.tls["certificate"],
+                           "DicomTlsPrivateKey": self.tls["private_key"],
+                           "DicomTlsTrustedCertificates": self.tls["trusted"], "DicomTlsRemoteCertificateRequired": True})
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")],
                                         stdout=open(self.folder / "orthanc.log", "ab"), stderr=subprocess.STDOUT)
@@ -119,12 +126,13 @@ class Node:
         for section, values in (("node", node), ("storage", storage), ("processing", processing),
                                 ("retry", {"initial_seconds": 0.5, "max_seconds": 2}),
                                 ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {})),
-                                ("outputs", self.settings.get("outputs", {}))):
+                                ("outputs", self.settings.get("outputs", {})), ("audit", self.settings.get("audit", {}))):
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        for name, orthanc in self.destinations:
+        for name, orthanc, *options in self.destinations:  # options: {key: value} of the destination
             lines += ["[[destinations]]", f'name = "{name}"', f'ae_title = "{orthanc.aet}"', 'host = "127.0.0.1"',
                       f"port = {orthanc.dicom_port}"]
+            lines += [f"{key} = {json.dumps(value)}" for key, value in (options[0] if options else {}).items()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
 

@@ -2,11 +2,14 @@
 validator, highdicom reading the results back."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
+import socket
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import highdicom as hd
@@ -16,7 +19,7 @@ import pytest
 
 from pynetdicom.sop_class import SegmentationStorage
 
-from dicom_node.outputs import OPACITY_PERCENT
+from dicom_node.outputs.codes import OPACITY_PERCENT
 from tests.harness import Node, Orthanc, dcmsend, storescu, wait_for
 
 TRANSCODERS = {  # DCMTK command that writes the uncompressed radiograph in another transfer syntax
@@ -57,8 +60,19 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def node(pacs, tmp_path_factory):
-    node = Node(tmp_path_factory.mktemp("node"), destinations=[("pacs", pacs)]).start()
+def syslog_collector():
+    """A UDP socket standing in for the hospital's syslog collector (RFC 5426)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.5)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def node(pacs, syslog_collector, tmp_path_factory):
+    collector = f"udp://127.0.0.1:{syslog_collector.getsockname()[1]}"
+    node = Node(tmp_path_factory.mktemp("node"), destinations=[("pacs", pacs)], audit={"syslog": collector}).start()
     yield node
     node.stop()
 
@@ -112,7 +126,7 @@ def dciodvfy_errors(ds: pydicom.Dataset, folder: Path) -> list[str]:
 
 def opacity_percent_in_report(report: pydicom.Dataset) -> float:
     sr = hd.sr.Comprehensive3DSR.from_dataset(report)
-    for group in sr.content.get_volumetric_roi_measurement_groups():
+    for group in sr.content.get_planar_roi_measurement_groups():
         if group.tracking_identifier == "Opacity (AI)":
             return float(group.get_measurements(name=OPACITY_PERCENT)[0].value)
     raise AssertionError("no opacity group in the report")
@@ -141,7 +155,7 @@ def test_each_frontal_chest_image_gets_one_valid_seg_and_sr(pushed, inputs, pacs
         assert abs(opacity_percent_in_report(report) - 100 * opacity.sum() / lungs.sum()) <= 0.1
         assert report.VerificationFlag == "UNVERIFIED"
         sr_tracking = {group.tracking_uid for group in hd.sr.Comprehensive3DSR.from_dataset(report).content
-                       .get_volumetric_roi_measurement_groups()}
+                       .get_planar_roi_measurement_groups()}
         assert {segment.TrackingUID for segment in seg_ds.SegmentSequence} <= sr_tracking  # SR groups link to segments
         for result in (seg_ds, report):  # IHE AI Results: the algorithm as processing equipment
             assert any(item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and item.Manufacturer == "cxr-node"
@@ -211,7 +225,7 @@ def test_results_reach_a_pacs_that_was_down_at_first(tmp_path, inputs):
         assert dcmsend(node.port, [image]).returncode == 0
         wait_for(lambda: node.status()["instances"]["done"] == 1, 60, what="analysis")
         wait_for(lambda: node.status()["last_errors"], 30, what="a failed send attempt")
-        assert node.status()["results"] == {"pending": 2, "sent": 0, "written": 0}
+        assert node.status()["results"] == {"pending": 2, "sent": 0, "written": 0, "failed": 0}  # down: transient
         pacs.start()
         wait_for(lambda: node.status()["results"]["sent"] == 2, 60, what="delivery after the PACS came up")
         assert len(pacs.instances("SEG")) == 1 and len(pacs.instances("SR")) == 1
@@ -298,3 +312,49 @@ def test_optional_secondary_capture_shows_the_outlines_for_pacs_without_seg(tmp_
         [source.SOPInstanceUID], segment_numbers=[1, 2])[0].any(axis=-1)
     outline = coloured & ~np.pad(coloured[:200], ((0, rgb.shape[0] - 200), (0, 0)))  # below the burned-in text
     assert outline.sum() > 1000 and (outline & lungs).sum() > 0.3 * outline.sum()  # lines along the lung edges
+
+
+def test_audit_messages_record_associations_transfers_and_results_without_patient_names(
+        pushed, node, inputs, syslog_collector):
+    """IHE ATNA: DICOM audit messages (PS3.15 A.5) in the local audit log, the same sent to syslog."""
+    result = storescu(node.port, [inputs["extra"][1]], "INTRUDER", "CXR_NODE")  # one rejected association
+    assert result.returncode != 0
+    wait_for(lambda: "INTRUDER" in (node.folder / "state" / "audit.log").read_text(), 10, what="the audit record")
+    lines = (node.folder / "state" / "audit.log").read_text().splitlines()
+    messages = [ET.fromstring(line) for line in lines]
+
+    def events(code, action=None, outcome=None):
+        return [m for m in messages if m.find("EventIdentification/EventID").get("csd-code") == code
+                and action in (None, m.find("EventIdentification").get("EventActionCode"))
+                and outcome in (None, m.find("EventIdentification").get("EventOutcomeIndicator"))]
+
+    assert events("110100")  # application start
+    assert events("110114", outcome="0") and any(
+        m.find("ActiveParticipant").get("UserID") == "INTRUDER" for m in events("110114", outcome="4"))
+    counts = node.status()
+    received = [m for m in events("110104", "C", "0")]
+    sent = [m for m in events("110104", "R", "0")]
+    assert len(sent) == counts["results"]["sent"]
+    instance_uids = {i.get("UID") for m in received for i in m.iter("Instance")}
+    assert {uid_of(path) for path in inputs["shared"] + inputs["extra"]} <= instance_uids
+    for message in sent:  # each sent result names the PACS as destination and its study and patient
+        roles = {p.find("RoleIDCode").get("csd-code"): p.get("UserID") for p in message.iter("ActiveParticipant")}
+        assert roles == {"110153": "CXR_NODE", "110152": "ORTHANC"}
+        kinds = {o.get("ParticipantObjectTypeCodeRole") for o in message.iter("ParticipantObjectIdentification")}
+        assert "3" in kinds
+    text = "\n".join(lines)
+    for path in inputs["shared"]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        name = str(ds.get("PatientName", ""))
+        if len(name) >= 4 and name != ds.get("PatientID"):  # (an anonymised file may use its ID as name)
+            assert name not in text, f"{path.name}: patient name in the audit log"
+    assert "ParticipantObjectName" not in text
+
+    datagrams = []
+    with contextlib.suppress(socket.timeout):
+        while True:
+            datagrams.append(syslog_collector.recv(65535))
+    assert len(datagrams) >= len(lines) - 1  # the collector got every message (the stop message comes later)
+    header, _, body = datagrams[0].partition(b" - \xef\xbb\xbf")
+    assert header.startswith(b"<85>1 ") and b"IHE+RFC-3881" in header
+    assert ET.fromstring(body.decode()).tag == "AuditMessage"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, Node, storescu, wait_for
+from tests.harness import REPO, Node, Orthanc, storescu, wait_for
 from tests.test_faults import SOURCES
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is needed to make test certificates")
@@ -96,6 +96,30 @@ def test_tls_is_1_2_or_later(tls_node, pki, record):
     record("security", case="TLS version", expected="TLS 1.2+ negotiated, TLS 1.1 refused",
            observed=f"default client: {best}; TLS 1.1 client: {old}", ok=best in ("TLSv1.2", "TLSv1.3") and "refused" in old)
     assert best in ("TLSv1.2", "TLSv1.3") and old.startswith("refused")
+
+
+def test_results_reach_a_pacs_that_takes_dicom_tls_only(pki, dicom_dir, tmp_path, record):
+    """Orthanc with DICOM TLS (client certificates required) as the PACS: the destination with the
+    right CA and a client certificate stores SEG + SR; one that trusts another CA never connects."""
+    pacs = Orthanc(tmp_path / "orthanc", tls={"certificate": str(pki / "server.pem"),
+                                              "private_key": str(pki / "server.key"), "trusted": str(pki / "ca.pem")}).start()
+    client = {"tls_certificate": str(pki / "client.pem"), "tls_private_key": str(pki / "client.key")}
+    node = Node(tmp_path / "node", destinations=[
+        ("pacs", pacs, {"tls_ca_certificates": str(pki / "ca.pem"), **client}),
+        ("wrong-ca", pacs, {"tls_ca_certificates": str(pki / "rogue.pem"), **client})]).start()
+    try:
+        assert storescu(node.port, [dicom_dir / SOURCES[1]]).returncode == 0
+        wait_for(lambda: len(pacs.get("/instances")) == 2, 180, what="SEG and SR stored by Orthanc over TLS")
+        wait_for(lambda: node.queue_counts().get("results.sent") == 2 and "certificate verify failed" in node.log(),
+                 60, what="the untrusted destination's failed handshake")
+        modalities = sorted(pacs.get(f"/instances/{i}/simplified-tags")["Modality"] for i in pacs.get("/instances"))
+        assert modalities == ["SEG", "SR"] and node.queue_counts().get("results.pending") == 2
+    finally:
+        node.stop()
+        pacs.stop()
+    record("security", case="outbound DICOM TLS to Orthanc (TLS only, client certificate required)",
+           expected="stored with the right CA; no connection when the PACS certificate does not verify",
+           observed="SEG + SR stored; wrong CA: certificate verify failed, results pending", ok=True)
 
 
 def test_spool_queue_and_results_are_readable_by_the_service_user_only(tls_node, record):

@@ -14,6 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -105,6 +106,11 @@ def processed_study(dicom_dir, tmp_path_factory):
     """A real chest X-ray and cxr-node's SEG and SR for it, all in a DICOMweb-enabled Orthanc."""
     folder = tmp_path_factory.mktemp("viewer")
     image = chest_copies([dicom_dir / SOURCE], 1, folder / "image")[0]
+    # The Digital X-Ray module makes Imager Pixel Spacing Type 1; this de-identified file lost it, and OHIF
+    # overlays a projection SEG only with a pixel spacing, which cxr-node copies and never invents.
+    ds = pydicom.dcmread(image)
+    ds.ImagerPixelSpacing = [0.14, 0.14]
+    ds.save_as(image)
     pacs = Orthanc(folder / "orthanc", dicomweb=True).start()
     node = Node(folder / "node", destinations=[("pacs", pacs)], processing={"stable_seconds": 0}).start()
     try:
@@ -113,7 +119,6 @@ def processed_study(dicom_dir, tmp_path_factory):
         wait_for(lambda: node.queue_counts().get("results.sent", 0) == 2, 120, what="SEG and SR in Orthanc")
     finally:
         node.stop()
-    import pydicom
     study_uid = str(pydicom.dcmread(image, stop_before_pixels=True).StudyInstanceUID)
     yield pacs, study_uid
     pacs.stop()

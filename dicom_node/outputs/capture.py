@@ -8,24 +8,25 @@ import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
-from dicom_node.outputs import MANUFACTURER, Algorithm, derived_uid
+from dicom_node.outputs.identity import Algorithm, finish_header, result_identity
+from dicom_node.outputs.segments import SEGMENTS
 from model.image import normalize_gray
-from model.infer import LEFT, RIGHT, ZONES, Segmentation
+from model.infer import ZONES, Segmentation
 
-OUTLINES = ((RIGHT, (0, 200, 0)), (LEFT, (0, 160, 255)))  # RGB, the SEG's segment colours
-OPACITY_RGB = (255, 60, 0)
 NOTICE = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
+LOSSY_DETAILS = ("LossyImageCompressionRatio", "LossyImageCompressionMethod")
+LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless}
 
 
 def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
-    """RGB picture: the image, the outlines of both lungs and of the opacity, and the figures."""
+    """RGB picture: the image, the outline of every segment in its SEG colour, and the figures."""
     picture = cv2.cvtColor(normalize_gray(gray), cv2.COLOR_GRAY2RGB)
     thickness = max(2, round(max(gray.shape) / 400))
-    masks = [(seg.lungs == label, colour) for label, colour in OUTLINES] + [(seg.opacity, OPACITY_RGB)]
-    for mask, colour in masks:
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(picture, contours, -1, colour, thickness)
+    for segment in SEGMENTS:
+        contours, _ = cv2.findContours(segment.mask(seg).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(picture, contours, -1, segment.rgb, thickness)
     scale = max(gray.shape) / 1400
     lines = [f"Opacity {seg.opacity_pct:.1f}% of lung area (R {seg.right_opacity_pct:.1f}%, L {seg.left_opacity_pct:.1f}%)"]
     if seg.brixia:
@@ -42,19 +43,27 @@ def build_capture(source: pydicom.Dataset, gray: np.ndarray, seg: Segmentation, 
                   started: datetime) -> hd.sc.SCImage:
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=burn_in(gray, seg), photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=derived_uid(source.SeriesInstanceUID, "SC", algorithm.version),
-        series_number=9903, sop_instance_uid=derived_uid(source.SOPInstanceUID, "SC", algorithm.version),
-        instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
+        coordinate_system="PATIENT", **result_identity(source, "SC", algorithm),
         patient_orientation=("L", "F"),  # highdicom insists on one; replaced by the source's below
         contributing_equipment=[algorithm.contributing_equipment(started)])
     capture.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C: copied, else empty
+    if "Laterality" in capture:  # Type 2C, required for paired body parts only: a chest is not one
+        del capture.Laterality
+    if "BodyPartExamined" in source:  # which tells a validator that no laterality is needed
+        capture.BodyPartExamined = source.BodyPartExamined
     capture.ImageType = ["DERIVED", "SECONDARY"]
+    capture.ConversionType = "WSD"  # made on a workstation from another image
     capture.BurnedInAnnotation = "YES"
-    capture.SeriesDescription = "AI outlines (cxr-node) - not for primary diagnosis"
-    capture.Laterality = source.get("Laterality", "")  # Type 2C; a chest is not a paired part
+    # Once lossy, always lossy (PS3.3 C.7.6.1.1.5): the picture shows the source's pixels.
+    lossy_transfer = source.file_meta.get("TransferSyntaxUID") in LOSSY_SYNTAXES
+    if source.get("LossyImageCompression") == "01" or lossy_transfer:
+        capture.LossyImageCompression = "01"
+        for keyword in LOSSY_DETAILS:
+            if keyword in source:
+                capture[keyword] = source[keyword]
     capture.DerivationDescription = f"{NOTICE}: outlines and figures by {algorithm.name} {algorithm.version}"[:1024]
     source_image = pydicom.Dataset()
     source_image.ReferencedSOPClassUID, source_image.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     capture.SourceImageSequence = [source_image]
-    capture.ContentDate, capture.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
+    finish_header(capture, source, "SC", started)
     return capture

@@ -1,4 +1,13 @@
-"""DICOM Segmentation (BINARY): right lung, left lung, opacity, on the source image's pixel grid."""
+"""DICOM Segmentation (BINARY): right lung, left lung, opacity, on the source image's pixel grid.
+
+A projection radiograph has no patient space, so the SEG has no Frame of Reference, whatever geometry
+the source carries; its rows and columns are the source's. The standard then leaves out Pixel Measures
+and Plane Orientation (PS3.3 A.51), but OHIF (3.13) draws a SEG overlay only with both (measured:
+tests/test_viewer.py fails without either). So when the source states a pixel spacing, the SEG repeats
+it, verbatim, with an orientation read from the source's Patient Orientation; a source with no spacing
+gets neither, and OHIF shows no overlay for it (docs/CONFORMANCE.md). Slice Thickness means nothing for
+a projection, but highdicom reads Pixel Measures only with one: it is 1 mm, used by nothing (areas
+come from the SR's stated calibration)."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -6,60 +15,67 @@ from datetime import datetime
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.sr.codedict import codes
 
-from dicom_node.outputs import (LEFT_LUNG, MANUFACTURER, OPACITY, RIGHT_LUNG, Algorithm, derived_uid,
-                                pixel_spacing_mm)
-from model.infer import LEFT, RIGHT, Segmentation
+from dicom_node.outputs.codes import LATERALITY, LUNG
+from dicom_node.outputs.identity import Algorithm, finish_header, lo, result_identity
+from dicom_node.outputs.segments import SEGMENTS
+from dicom_node.outputs.source import SPACINGS
 
-SEGMENTS = (  # number, label a radiologist reads in the viewer, category, type, display colour (CIELab)
-    (1, "Right lung", codes.SCT.AnatomicalStructure, RIGHT_LUNG, (70.0, -60.0, 50.0)),
-    (2, "Left lung", codes.SCT.AnatomicalStructure, LEFT_LUNG, (60.0, -10.0, -55.0)),
-    (3, "Opacity (AI)", codes.SCT.MorphologicallyAbnormalStructure, OPACITY, (55.0, 75.0, 60.0)),
-)
+# Patient Orientation letters -> direction in the patient coordinate system (LPS: +x left, +y posterior,
+# +z head).
+DIRECTIONS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
 
 
-def segment_tracking_uid(source_uid: str, segment_number: int, algorithm: Algorithm) -> str:
-    """Shared by the SEG segment and the SR measurement group that describes it."""
-    return derived_uid(source_uid, f"segment-{segment_number}", algorithm.version)
+def orientation_of(patient_orientation) -> list[int]:
+    """Image Orientation (row direction, column direction) that agrees with Patient Orientation, e.g.
+    L\\F (a PA chest) -> 1\\0\\0\\0\\0\\-1; the identity when the source does not say."""
+    letters = [str(value) for value in (patient_orientation or [])]
+    if len(letters) == 2 and all(letter in DIRECTIONS for letter in letters):
+        return [*DIRECTIONS[letters[0]], *DIRECTIONS[letters[1]]]
+    return [1, 0, 0, 0, 1, 0]
+from model.infer import Segmentation
 
 
 def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Algorithm,
                        started: datetime) -> hd.seg.Segmentation:
-    masks = np.stack([seg.lungs == RIGHT, seg.lungs == LEFT, seg.opacity], axis=-1)[None].astype(np.uint8)
-    identification = algorithm.identification
+    """`source` as `prepare_source` gives it (no patient geometry)."""
+    masks = np.stack([segment.mask(seg) for segment in SEGMENTS], axis=-1)[None].astype(np.uint8)
     descriptions = []
-    for number, label, category, kind, colour in SEGMENTS:
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label, segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=identification,
-            tracking_uid=segment_tracking_uid(source.SOPInstanceUID, number, algorithm), tracking_id=label,
-            anatomic_regions=[codes.SCT.Lung] if kind == OPACITY else None,
-            display_color=hd.color.CIELabColor(*colour)))
+    for segment in SEGMENTS:
+        description = hd.seg.SegmentDescription(
+            segment_number=segment.number, segment_label=segment.label, segmented_property_category=segment.category,
+            segmented_property_type=segment.property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm.identification,
+            tracking_uid=segment.tracking_uid(source.SOPInstanceUID, algorithm), tracking_id=segment.label,
+            anatomic_regions=None if segment.property_type == LUNG else [LUNG],
+            display_color=hd.color.CIELabColor.from_rgb(*segment.rgb))
+        laterality = segment.laterality(seg)
+        if laterality:  # which lung(s): a laterality modifier (CID 244) of the lung or the opacity's region
+            modifier = [hd.sr.CodedConcept.from_code(LATERALITY[laterality])]
+            if segment.property_type == LUNG:
+                description.SegmentedPropertyTypeModifierCodeSequence = modifier
+            else:
+                description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = modifier
+        descriptions.append(description)
+    # Spacing and orientation are added below for the viewers, or not at all (see the module docstring).
+    pixel_grid_only = pydicom.Dataset()
+    pixel_grid_only.update({element.tag: element for element in source if element.keyword not in SPACINGS})
+    pixel_grid_only.file_meta = source.file_meta
     result = hd.seg.Segmentation(
-        source_images=[source], pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(source.SeriesInstanceUID, "SEG", algorithm.version),
-        series_number=9901, sop_instance_uid=derived_uid(source.SOPInstanceUID, "SEG", algorithm.version),
-        instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
-        manufacturer_model_name=algorithm.name[:64], software_versions=[algorithm.version[:64], algorithm.node_version],
+        source_images=[pixel_grid_only], pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, **result_identity(source, "SEG", algorithm),
+        manufacturer_model_name=lo(algorithm.name), software_versions=algorithm.software_versions,
         device_serial_number="0", content_label="LUNG_OPACITY", omit_empty_frames=False,
         content_description="AI lung and opacity segmentation - not for primary diagnosis",
-        series_description="AI lung and opacity (cxr-node)",
         contributing_equipment=[algorithm.contributing_equipment(started)])
     result.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C: copied, else empty
-    if "FrameOfReferenceUID" not in source:
-        # A projection radiograph has no patient space, so these shared groups are optional here, but
-        # OHIF's SEG loader reads Pixel Measures and an in-plane orientation (identity: the SEG's rows
-        # and columns are the source image's), and highdicom's reader needs PixelSpacing and
-        # SliceThickness. The spacing is the source's (1 mm placeholder when unknown; the SR then
-        # reports pixels).
+    spacing = next((source[keyword].value for keyword in SPACINGS if keyword in source), None)
+    if spacing:
         measures, orientation, shared = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
-        measures.PixelSpacing = list(pixel_spacing_mm(source) or (1.0, 1.0))
-        measures.SliceThickness = 1.0
-        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        measures.PixelSpacing = list(spacing)
+        measures.SliceThickness = 1  # for highdicom's reader only (see the module docstring)
+        orientation.ImageOrientationPatient = orientation_of(source.get("PatientOrientation"))
         shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
         result.SharedFunctionalGroupsSequence = [shared]
-    result.ContentDate, result.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
+    finish_header(result, source, "SEG", started)
     return result

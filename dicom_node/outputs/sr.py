@@ -1,6 +1,9 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR): opacity % of both lungs, each lung and each
-zone, the Brixia score of each zone and of both lungs, lung and opacity areas, referencing the SEG
-segments and the source image."""
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of one radiograph.
+
+One TID 1410 planar ROI group per SEG segment (right lung, left lung, opacity), each referencing its
+segmentation frame and sharing the segment's Tracking UID: the opacity % of that region and, only
+when the source's pixel size in the patient is known, its area in mm² with the calibration stated.
+Then one group with the opacity % and the expected opacity % of each Brixia zone and the Brixia scores."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -8,20 +11,14 @@ from datetime import datetime
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
-from dicom_node.outputs import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, LEFT_LUNG, MANUFACTURER, OPACITY,
-                                OPACITY_PERCENT, PIXELS, RIGHT_LUNG, SCORE_UNIT, Algorithm, derived_uid,
-                                pixel_spacing_mm)
-from dicom_node.outputs.seg import segment_tracking_uid
-from model.infer import LEFT, RIGHT, ZONES, Segmentation
-
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
-ZONE_SITES = {  # Brixia zone -> (zone of lung, laterality)
-    "A": (codes.SCT.UpperZoneOfLung, codes.SCT.Right), "B": (codes.SCT.MiddleZoneOfLung, codes.SCT.Right),
-    "C": (codes.SCT.LowerZoneOfLung, codes.SCT.Right), "D": (codes.SCT.UpperZoneOfLung, codes.SCT.Left),
-    "E": (codes.SCT.MiddleZoneOfLung, codes.SCT.Left), "F": (codes.SCT.LowerZoneOfLung, codes.SCT.Left),
-}
+from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, EXPECTED_OPACITY_PERCENT, LATERALITY,
+                                      LUNG, OPACITY, OPACITY_PERCENT, PLAIN_CHEST_XRAY, SCORE_UNIT, ZONE_SITES,
+                                      private_scheme_identification)
+from dicom_node.outputs.identity import MANUFACTURER, Algorithm, derived_uid, finish_header, lo, result_identity
+from dicom_node.outputs.segments import SEGMENTS
+from dicom_node.outputs.source import calibration
+from model.infer import ZONES, Segmentation
 
 
 def _percent(value: float, finding_sites=None) -> hd.sr.Measurement:
@@ -31,44 +28,45 @@ def _percent(value: float, finding_sites=None) -> hd.sr.Measurement:
 
 def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
                  algorithm: Algorithm, started: datetime) -> hd.sr.Comprehensive3DSR:
-    """Areas are in mm2 when the source gives a pixel spacing, else in pixels (unit {pixels})."""
-    spacing = pixel_spacing_mm(source)
-    pixel_area, area_unit = (spacing[0] * spacing[1], codes.UCUM.SquareMillimeter) if spacing else (1.0, PIXELS)
-    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
+    """`source` as `prepare_source` gives it, but with its spacing attributes (see `calibration`)."""
+    calibrated = calibration(source)
+    parameters = [f"pixel size {calibrated.row_mm:g} x {calibrated.column_mm:g} mm from {calibrated.basis}"] if calibrated \
+        else ["no pixel size in the patient plane known: no areas"]
+    algorithm_id = hd.sr.AlgorithmIdentification(name=lo(algorithm.name), version=lo(algorithm.version),
+                                                 parameters=parameters)
     source_image = hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)
-
-    def area(pixels: int) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=codes.SCT.Area, value=round(pixels * pixel_area, 2), unit=area_unit)
-
-    def segment_group(number, label, finding_type, site, measurements):
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=segment_tracking_uid(source.SOPInstanceUID, number, algorithm), identifier=label),
-            referenced_segment=hd.sr.ReferencedSegment(
+    groups = []
+    for segment in SEGMENTS:
+        mask = segment.mask(seg)
+        measurements = [_percent(segment.opacity_pct(seg))]
+        if calibrated:
+            measurements.insert(0, hd.sr.Measurement(name=codes.SCT.Area, unit=codes.UCUM.SquareMillimeter,
+                                                     value=round(int(mask.sum()) * calibrated.pixel_area_mm2, 2)))
+        laterality = segment.laterality(seg)
+        site = hd.sr.FindingSite(LUNG, laterality=LATERALITY[laterality] if laterality else None)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.tracking_uid(source.SOPInstanceUID, algorithm),
+                                                         identifier=segment.label),
+            referenced_segment=hd.sr.ReferencedSegmentationFrame(
                 sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
-                segment_number=number, source_images=[source_image]),
-            finding_type=finding_type, finding_sites=[site], algorithm_id=algorithm_id, measurements=measurements)
+                frame_number=segment.number, segment_number=segment.number, source_image=source_image),
+            finding_type=segment.property_type, finding_sites=[site], algorithm_id=algorithm_id,
+            measurements=measurements))
 
-    groups = [
-        segment_group(1, "Right lung", RIGHT_LUNG, hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Right),
-                      [area(int((seg.lungs == RIGHT).sum())), _percent(seg.right_opacity_pct)]),
-        segment_group(2, "Left lung", LEFT_LUNG, hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Left),
-                      [area(int((seg.lungs == LEFT).sum())), _percent(seg.left_opacity_pct)]),
-        segment_group(3, "Opacity (AI)", OPACITY, hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Bilateral),
-                      [area(seg.opacity_area_px), _percent(seg.opacity_pct)]),
-    ]
     zone_measurements = []
     for letter in ZONES:
         location, laterality = ZONE_SITES[letter]
         site = [hd.sr.FindingSite(location, laterality=laterality)]
         zone_measurements.append(_percent(seg.zone_opacity_pct[letter], site))
+        zone_measurements.append(hd.sr.Measurement(name=EXPECTED_OPACITY_PERCENT, unit=codes.UCUM.Percent,
+                                                   value=round(seg.zone_opacity_score[letter], 2), finding_sites=site))
         if seg.brixia:
             zone_measurements.append(hd.sr.Measurement(name=BRIXIA_ZONE_SCORE, value=seg.brixia[letter],
                                                        unit=SCORE_UNIT, finding_sites=site))
     if seg.brixia:
         zone_measurements.append(hd.sr.Measurement(
             name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT,
-            finding_sites=[hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Bilateral)]))
+            finding_sites=[hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])]))
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "zones", algorithm.version),
@@ -80,23 +78,26 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=derived_uid("cxr-node-device", algorithm.name), name="cxr-node", manufacturer_name=MANUFACTURER,
-            model_name=algorithm.name[:64]))
+            model_name=lo(algorithm.name)))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
     result = hd.sr.Comprehensive3DSR(
-        evidence=[source, segmentation], content=report,
-        series_instance_uid=derived_uid(source.SeriesInstanceUID, "SR", algorithm.version), series_number=9902,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, "SR", algorithm.version),
-        instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
+        evidence=[source, segmentation], content=report, **result_identity(source, "SR", algorithm),
         is_complete=True, is_final=False, is_verified=False,  # IHE AI Results: UNVERIFIED
         contributing_equipment=[algorithm.contributing_equipment(started)])
-    result.SeriesDescription = "AI opacity measurements (cxr-node)"
-    private_scheme = pydicom.Dataset()
-    private_scheme.CodingSchemeDesignator = OPACITY_PERCENT.scheme_designator
-    private_scheme.CodingSchemeName = "cxr-node private codes"
-    private_scheme.CodingSchemeResponsibleOrganization = "cxr-node"
-    result.CodingSchemeIdentificationSequence = [private_scheme]
-    # Content date/time = start of the analysis (IHE AI Results).
-    result.ContentDate, result.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
+    result.CodingSchemeIdentificationSequence = [private_scheme_identification()]
+    finish_header(result, source, "SR", started)
+    _frame_references_only(result.ContentSequence)
     return result
+
+
+def _frame_references_only(content: pydicom.Sequence) -> None:
+    """A reference to a segmentation frame names the frame, not also the segment (PS3.3 C.10.4:
+    Referenced Segment Number only when segments rather than frames are referenced). highdicom writes
+    both; frame k holds segment k, so nothing is lost."""
+    for item in content:
+        for reference in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+                del reference.ReferencedSegmentNumber
+        _frame_references_only(item.get("ContentSequence", []))

@@ -1,0 +1,38 @@
+"""Coded concepts the results use: standard codes where DICOM has them, private ones where it has none."""
+from __future__ import annotations
+
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+LUNG = codes.SCT.Lung  # SCT 39607008; right and left by a laterality modifier, as DICOM value sets expect
+OPACITY = codes.DCM.Opacity  # DCM 112001
+LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left, "bilateral": codes.SCT.Bilateral}
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+
+# No standard code exists for "opacity area as a percentage of lung area": a private scheme, as
+# DICOM PS3.16 allows (designators starting with 99 are private).
+PRIVATE_SCHEME = "99CXRNODE"
+OPACITY_PERCENT = Code("CXRN-1", PRIVATE_SCHEME, "Opacity percentage of lung area")
+# Nor for the Brixia score (Borghesi & Maroldi 2020) of a lung zone (0-3) or of both lungs (0-18).
+BRIXIA_ZONE_SCORE = Code("CXRN-2", PRIVATE_SCHEME, "Brixia zone score")
+BRIXIA_GLOBAL_SCORE = Code("CXRN-3", PRIVATE_SCHEME, "Brixia global score")
+# The expected opacity % of a zone (mean opacity probability over it), which the Brixia zone score is read from.
+EXPECTED_OPACITY_PERCENT = Code("CXRN-4", PRIVATE_SCHEME, "Expected opacity percentage of zone")
+SCORE_UNIT = Code("{score}", "UCUM", "score")
+
+# Brixia zone -> (zone of lung, laterality)
+ZONE_SITES = {
+    "A": (codes.SCT.UpperZoneOfLung, codes.SCT.Right), "B": (codes.SCT.MiddleZoneOfLung, codes.SCT.Right),
+    "C": (codes.SCT.LowerZoneOfLung, codes.SCT.Right), "D": (codes.SCT.UpperZoneOfLung, codes.SCT.Left),
+    "E": (codes.SCT.MiddleZoneOfLung, codes.SCT.Left), "F": (codes.SCT.LowerZoneOfLung, codes.SCT.Left),
+}
+
+
+def private_scheme_identification() -> pydicom.Dataset:
+    """The Coding Scheme Identification item that declares the private designator."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "cxr-node private codes"
+    item.CodingSchemeResponsibleOrganization = "cxr-node"
+    return item

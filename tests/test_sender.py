@@ -1,0 +1,168 @@
+"""Sender semantics against a loopback pynetdicom C-STORE SCP that answers each status class in turn:
+warnings count as stored once, transient failures are retried after their backoff, permanent ones end
+'failed' with their reason (visible in status and /metrics) and are sent again only by `retry`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from prometheus_client import REGISTRY
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+
+from dicom_node.config import load_config
+from dicom_node.queue import Queue
+from dicom_node.sender import PERMANENT, STORED, TRANSIENT, WARNING, Sender, status_class
+from tests.harness import free_port
+
+SOURCE = "1.2.826.0.1.3680043.10.1"
+
+
+class LoopbackPacs:
+    """A C-STORE SCP that answers the next status of `answers` (0x0000 once they run out) and keeps
+    what it stored."""
+
+    def __init__(self, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage)):
+        self.answers, self.received, self.port = [], [], free_port()
+        ae = AE(ae_title="PACS")
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        status = self.answers.pop(0) if self.answers else 0x0000
+        self.received.append((event.request.AffectedSOPInstanceUID, status))
+        return status
+
+    def stored(self) -> list[str]:
+        return [uid for uid, status in self.received if status_class(status) in (STORED, WARNING)]
+
+
+@pytest.fixture
+def pacs():
+    server = LoopbackPacs()
+    yield server
+    server.server.shutdown()
+
+
+def result_file(folder: Path, uid: str, sop_class: str) -> Path:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, uid
+    path = folder / f"{uid}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def setup(tmp_path, pacs, **destination) -> tuple[Queue, Sender]:
+    extra = "".join(f"{key} = {str(value).lower()}\n" for key, value in destination.items())
+    (tmp_path / "node.toml").write_text(
+        f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[retry]\ninitial_seconds = 0.2\nmax_seconds = 0.4\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n{extra}')
+    config = load_config(tmp_path / "node.toml")
+    queue = Queue(tmp_path / "queue.sqlite3")
+    queue.record_received(SOURCE, "1.2", "1.3", "cr", "MODALITY", tmp_path / "in.dcm")
+    queue.complete(SOURCE, [("2.25.1", "SEG", result_file(tmp_path, "2.25.1", SegmentationStorage)),
+                            ("2.25.2", "SR", result_file(tmp_path, "2.25.2", Comprehensive3DSRStorage))],
+                   ["pacs"], "tags", 1.0)
+    return queue, Sender(config, queue)
+
+
+def state(queue: Queue, uid: str) -> dict:
+    return queue._query("SELECT * FROM results WHERE sop_uid = ?", (uid,))[0]
+
+
+def send_until_quiet(sender: Sender, seconds: float = 1.5) -> None:
+    """Send passes for a while, so that every backoff of the test's retry settings has passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sender.send_due()
+        time.sleep(0.1)
+
+
+def metric(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("status, expected", [(0x0000, STORED), (0x0001, WARNING), (0xB000, WARNING),
+                                              (0xB007, WARNING), (0xA700, TRANSIENT), (0xA7FF, TRANSIENT),
+                                              (0x0110, TRANSIENT), (0x0213, TRANSIENT), (None, TRANSIENT),
+                                              (0xA900, PERMANENT), (0xC000, PERMANENT), (0x0122, PERMANENT),
+                                              (0x0124, PERMANENT)])
+def test_status_classes(status, expected):
+    assert status_class(status) == expected
+
+
+def test_a_warning_counts_as_stored_once_and_is_kept(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs)
+    pacs.answers = [0xB000]
+    send_until_quiet(sender)
+    assert sorted(pacs.stored()) == ["2.25.1", "2.25.2"] and len(pacs.received) == 2  # never sent again
+    assert state(queue, "2.25.1")["state"] == "sent" and "0xB000" in state(queue, "2.25.1")["last_error"]
+
+
+def test_a_transient_failure_is_retried_after_its_backoff(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs)
+    pacs.answers = [0xA700]
+    before = metric("cxr_send_failures_total", destination="pacs", **{"class": "transient"})
+    sender.send_due()
+    row = state(queue, "2.25.1")
+    assert row["state"] == "pending" and "0xA700" in row["last_error"] and row["next_attempt_at"] > time.time()
+    send_until_quiet(sender)
+    assert [uid for uid, _ in pacs.received] == ["2.25.1", "2.25.2", "2.25.1"]
+    assert state(queue, "2.25.1")["state"] == "sent"
+    assert metric("cxr_send_failures_total", destination="pacs", **{"class": "transient"}) == before + 1
+
+
+def test_a_permanent_failure_is_failed_with_its_reason_until_retry(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs)
+    pacs.answers = [0xA900]
+    before = metric("cxr_send_failures_total", destination="pacs", **{"class": "permanent"})
+    send_until_quiet(sender)
+    assert [uid for uid, _ in pacs.received] == ["2.25.1", "2.25.2"]  # the refused SEG is not sent again
+    row = state(queue, "2.25.1")
+    assert row["state"] == "failed" and "0xA900" in row["last_error"]
+    assert queue.counts()["results"]["failed"] == 1
+    assert any(e["sop_uid"] == "2.25.1" and e["kind"] == "refused by pacs" for e in queue.last_errors())
+    assert metric("cxr_send_failures_total", destination="pacs", **{"class": "permanent"}) == before + 1
+    assert queue.retry_failed_results(SOURCE) == 1  # `cxr-node retry --uid SOURCE`
+    send_until_quiet(sender)
+    assert state(queue, "2.25.1")["state"] == "sent" and pacs.stored().count("2.25.1") == 1
+
+
+def test_a_pacs_without_seg_refuses_it_permanently(tmp_path):
+    pacs = LoopbackPacs(sop_classes=(Comprehensive3DSRStorage,))
+    try:
+        queue, sender = setup(tmp_path, pacs)
+        send_until_quiet(sender)
+        row = state(queue, "2.25.1")
+        assert row["state"] == "failed" and "not accepted" in row["last_error"]
+        assert pacs.stored() == ["2.25.2"]  # without sr_only_with_seg the SR still goes
+    finally:
+        pacs.server.shutdown()
+
+
+def test_sr_only_with_seg_holds_the_sr_until_its_seg_is_stored(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs, sr_only_with_seg=True)
+    pacs.answers = [0xA700]  # the SEG fails once
+    sender.send_due()
+    assert [uid for uid, _ in pacs.received] == ["2.25.1"]  # the SR waited
+    send_until_quiet(sender)
+    assert [uid for uid, _ in pacs.received] == ["2.25.1", "2.25.1", "2.25.2"]
+
+
+def test_sr_only_with_seg_fails_the_sr_when_its_seg_is_refused(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs, sr_only_with_seg=True)
+    pacs.answers = [0xC000]
+    send_until_quiet(sender)
+    assert pacs.stored() == []
+    row = state(queue, "2.25.2")
+    assert row["state"] == "failed" and "its SEG was refused" in row["last_error"]
+    assert queue.retry_failed_results(SOURCE) == 2
+    send_until_quiet(sender)
+    assert pacs.stored() == ["2.25.1", "2.25.2"]
