@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dicom_node.config import load_config  # noqa: E402
 from dicom_node.queue import Queue  # noqa: E402
 from dicom_node.service import algorithm_identity  # noqa: E402
 from dicom_node.spool import Spool  # noqa: E402
@@ -35,7 +36,7 @@ SOURCE = REPO.parent / "shared" / "data" / "dicom" / "torchxrayvision" / \
     "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 STAGES = {  # label -> (file name fragment, function name) of the function whose cumulative time it is
     "read + decode (pydicom)": ("pixels.py", "dataset_gray"),
-    "normalise": ("data.py", "normalize_gray"),
+    "normalise": ("image.py", "normalize_gray"),
     "lungs: model + masks": ("infer.py", "lungs"),
     "opacity: crop + model + resize": ("infer.py", "opacity_probability"),
     "zones": ("lungs.py", "zone_map"),
@@ -68,7 +69,7 @@ def profile_stages(worker: Worker, queue: Queue, path: Path, repeats: int) -> di
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         queue.record_received(uid, "s", "s", "c", "BENCH", path, state="processing")
         profiler.enable()
-        worker._process({"sop_uid": uid, "path": str(path)})
+        worker._process(queue.instance(uid))
         profiler.disable()
         queue._transaction(lambda db: db.execute("DELETE FROM instances"))
     stats = pstats.Stats(profiler).stats
@@ -102,8 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        queue, spool = Queue(folder / "queue.sqlite3"), Spool(folder / "state")
-        worker = Worker(queue, spool, load_pipeline(threads=2), algorithm_identity(), [], folder / "results")
+        (folder / "bench.toml").write_text(f'[storage]\nstate_dir = "{folder / "state"}"\n')
+        config = load_config(folder / "bench.toml")  # no destinations: results are written to state/results
+        queue, spool = Queue(folder / "queue.sqlite3"), Spool(config.state_dir)
+        worker = Worker(config, queue, spool, load_pipeline(threads=2), algorithm_identity())
         columns = {}
         for size in tqdm((1024, 2048, 3072), desc="image sizes"):
             path = sized_copy(size, folder)

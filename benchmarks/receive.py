@@ -1,6 +1,7 @@
 """Receive throughput, side by side on the same machine and the same files: cxr-node's receiver
-(durable: fsync + queue commit before 0x0000), DCMTK storescp and pynetdicom's storescp app, fed by
-DCMTK storescu over one association and over several at once.
+(durable: fsync + queue commit before 0x0000) in one process and in two sharing the port
+(`node.receiver_processes = 2`), DCMTK storescp and pynetdicom's storescp app, fed by DCMTK storescu
+over one association and over several at once.
 
     .venv/bin/python benchmarks/receive.py [--copies 200] [--runs 3] [--parallel 4]
 The copies are the real radiographs of ../shared/data/dicom, decompressed (storescu sends what it can
@@ -57,9 +58,13 @@ class Receiver:
         out = self.folder / "out"
         shutil.rmtree(self.folder, ignore_errors=True)
         out.mkdir(parents=True)
-        if self.kind == "cxr-node":
+        if self.kind.startswith("cxr-node"):
+            processes = 2 if self.kind == "cxr-node x2" else 1  # node.receiver_processes
             self.node = Node(self.folder / "node", processing={"stable_seconds": 3600},
-                             node={"allowed_calling_aes": [], "max_associations": 64}).start()
+                             node={"allowed_calling_aes": [], "max_associations": 64,
+                                   "receiver_processes": processes}).start()
+            if processes > 1:  # the extra receiver process listens too before the run starts
+                wait_for(lambda: '"role": "receiver"' in self.node.log(), 30, 0.2, "second receiver process")
             return self.node.port
         port = free_port()
         command = {"dcmtk storescp": ["storescp", "-od", str(out), "-aet", "CXR_NODE", str(port)],
@@ -71,7 +76,7 @@ class Receiver:
         return port
 
     def stop(self) -> None:
-        if self.kind == "cxr-node":
+        if self.kind.startswith("cxr-node"):
             self.node.stop()
         else:
             self.process.terminate()
@@ -96,7 +101,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=4)
     args = parser.parse_args()
-    kinds = ["cxr-node", "dcmtk storescp", "pynetdicom storescp"]
+    kinds = ["cxr-node", "cxr-node x2", "dcmtk storescp", "pynetdicom storescp"]
     with tempfile.TemporaryDirectory(dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None) as folder:
         folder = Path(folder)
         files = make_copies(args.copies, folder / "copies")

@@ -15,11 +15,12 @@ def _config(args):
 def cmd_serve(args) -> int:
     from dicom_node.service import serve
 
-    return serve(_config(args))
+    return serve(_config(args), args.role)
 
 
 def cmd_status(args) -> int:
     import json
+    from dataclasses import asdict
 
     from dicom_node.queue import Queue
 
@@ -29,12 +30,14 @@ def cmd_status(args) -> int:
         print(f"cxr-node status: no queue at {database} (has the node run with this configuration?)", file=sys.stderr)
         return 1
     queue = Queue(database)
-    report = {"state_dir": str(config.state_dir), **queue.counts(), "last_errors": queue.last_errors()}
+    report = {"state_dir": str(config.state_dir), "processes": queue.processes(), **queue.counts(),
+              "last_errors": queue.last_errors()}
     if args.uid:
-        report = queue.instance(args.uid)
-        if report is None:
+        job = queue.instance(args.uid)
+        if job is None:
             print(f"cxr-node status: unknown SOP Instance UID {args.uid}", file=sys.stderr)
             return 1
+        report = asdict(job)
     print(json.dumps(report, indent=1, default=str))
     return 0
 
@@ -118,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", help="site TOML overriding config/default.toml (default: embedded defaults)")
 
-    commands.add_parser("serve", parents=[config], help="run the DICOM node").set_defaults(handler=cmd_serve)
-    status = commands.add_parser("status", parents=[config], help="queue counts and last errors (JSON)")
+    serve = commands.add_parser("serve", parents=[config], help="run the DICOM node")
+    serve.add_argument("--role", choices=("all", "receiver"), default="all",
+                       help="all (default): receive, analyse, send; receiver: only receive into the shared spool "
+                            "(what `node.receiver_processes` starts)")
+    serve.set_defaults(handler=cmd_serve)
+    status = commands.add_parser("status", parents=[config],
+                                 help="the node's processes, queue counts and last errors (JSON)")
     status.add_argument("--uid", help="show one instance by SOP Instance UID")
     status.set_defaults(handler=cmd_status)
     commands.add_parser("echo", parents=[config], help="C-ECHO this node and every destination (exit 1 if one fails)").set_defaults(handler=cmd_echo)
@@ -162,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dicom_node.config import ConfigError
+    from dicom_node.queue import SchemaTooNew
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"cxr-node: configuration error: {error}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as error:
+        print(f"cxr-node: {error}", file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,7 @@ class Config:
     allowed_calling_aes: tuple[str, ...]
     require_called_ae: bool
     max_associations: int
+    receiver_processes: int
     network_timeout: float
     tls: TLSSettings | None
     state_dir: Path
@@ -200,6 +201,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         allowed_calling_aes=tuple(_ae_title(a, "node.allowed_calling_aes") for a in node["allowed_calling_aes"]),
         require_called_ae=bool(node["require_called_ae"]),
         max_associations=_number(node, "max_associations", "node", minimum=1),
+        receiver_processes=_number(node, "receiver_processes", "node", minimum=1),
         network_timeout=_number(node, "network_timeout", "node", float, 1), tls=tls,
         state_dir=state_dir, results_dir=results_dir,
         min_free_mb=_number(storage, "min_free_mb", "storage"),

@@ -12,7 +12,7 @@ LOGGER = logging.getLogger("cxr_node")
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created)),
-                 "level": record.levelname, "event": record.getMessage()}
+                 "level": record.levelname, "pid": record.process, "event": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info).splitlines()[-1]

@@ -12,13 +12,17 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 
+# PRAGMA user_version. 1: instances and results; 2: the processes table and who claimed a job.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT, sop_class_uid TEXT, calling_ae TEXT,
     path TEXT, state TEXT NOT NULL, reason TEXT, decided_by TEXT, opacity_pct REAL,
-    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL);
+    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL, claimed_by TEXT);
 CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS results (
@@ -26,10 +30,78 @@ CREATE TABLE IF NOT EXISTS results (
     path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL,
     last_error TEXT, created_at REAL NOT NULL, sent_at REAL, PRIMARY KEY (sop_uid, destination));
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS processes (
+    process_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, role TEXT NOT NULL,
+    version TEXT NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL);
 """
-INSTANCE_STATES = ("received", "queued", "processing", "done", "skipped", "failed")
-RESULT_STATES = ("pending", "sent", "written", "failed")
+MIGRATIONS = {  # version reached -> statements that bring the version before it there
+    2: "ALTER TABLE instances ADD COLUMN claimed_by TEXT;",
+}
+
+
+class SchemaTooNew(RuntimeError):
+    """The queue was written by a newer cxr-node: refusing it keeps this one from misreading it."""
 NO_DESTINATION = ""
+
+
+class State(StrEnum):
+    """Where a received instance is (a str, so it is stored and compared as one)."""
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Delivery(StrEnum):
+    """Where one result is on its way to one destination."""
+    PENDING = "pending"
+    SENT = "sent"
+    WRITTEN = "written"
+    FAILED = "failed"
+
+
+def _from_row(cls, row: dict):
+    """A Job or Outgoing from a table row (its state as the enum)."""
+    values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
+    values["state"] = (State if cls is Job else Delivery)(values["state"])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A received instance: what the worker claims and `cxr-node status --uid` shows."""
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    calling_ae: str
+    path: str
+    state: State
+    attempts: int
+    received_at: float
+    updated_at: float
+    reason: str | None = None
+    decided_by: str | None = None
+    opacity_pct: float | None = None
+    claimed_by: str | None = None  # the process working on it (host:pid:start)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One result for one destination: what the sender sends."""
+    sop_uid: str
+    destination: str
+    source_sop_uid: str
+    kind: str
+    path: str
+    state: Delivery
+    attempts: int
+    created_at: float
+    next_attempt_at: float | None = None
+    last_error: str | None = None
+    sent_at: float | None = None
 
 
 class Queue:
@@ -40,8 +112,30 @@ class Queue:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the sender hears 0x0000
-        self._db.executescript(SCHEMA)
+        self._migrate()
         self.path.chmod(0o600)
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION (a new file is created at it); refuse a newer one."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see the version
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise SchemaTooNew(f"{self.path}: queue schema version {version} is newer than this cxr-node's "
+                                       f"({SCHEMA_VERSION}); run the newer cxr-node or restore a backup")
+                fresh = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'instances'").fetchone()
+                if not fresh:
+                    for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                        for statement in filter(str.strip, MIGRATIONS[target].split(";")):
+                            self._db.execute(statement)
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def _transaction(self, statements):
         with self._lock:
@@ -87,14 +181,16 @@ class Queue:
             "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'processing'",
             (time.time(),)).rowcount)
 
-    def claim_next(self) -> dict | None:
+    def claim_next(self, process_id: str | None = None) -> Job | None:
+        """The oldest queued job, now 'processing' and claimed by `process_id`."""
         def claim(db):
             row = db.execute("SELECT * FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?"
-                       " WHERE sop_uid = ?", (time.time(), row["sop_uid"]))
-            return dict(row)
+            now = time.time()
+            db.execute("UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?,"
+                       " claimed_by = ? WHERE sop_uid = ?", (now, process_id, row["sop_uid"]))
+            return _from_row(Job, dict(row, state=State.PROCESSING, attempts=row["attempts"] + 1, updated_at=now))
         return self._transaction(claim)
 
     def _finish(self, sop_uid, state, reason=None, decided_by=None, opacity_pct=None):
@@ -138,13 +234,14 @@ class Queue:
             (time.time(), *args)).rowcount)
 
     # ------------------------------------------------------------ sender side
-    def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[dict]:
+    def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[Outgoing]:
         """Pending results whose backoff has passed, SEG before SR of the same source; with
         `sr_only_with_seg`, an SR only once the SEG it references is stored at that destination."""
         held = (" AND NOT (r.kind = 'SR' AND EXISTS (SELECT 1 FROM results s WHERE s.source_sop_uid = r.source_sop_uid"
                 " AND s.destination = r.destination AND s.kind = 'SEG' AND s.state != 'sent'))") if sr_only_with_seg else ""
-        return self._query("SELECT * FROM results r WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
+        rows = self._query("SELECT * FROM results r WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
                            f"{held} ORDER BY created_at, kind = 'SR' LIMIT ?", (destination, time.time(), limit))
+        return [_from_row(Outgoing, row) for row in rows]
 
     def mark_sent(self, sop_uid: str, destination: str, warning: str | None = None) -> None:
         """Stored; a warning status (e.g. coerced attributes) is kept in last_error for the record."""
@@ -181,11 +278,38 @@ class Queue:
                        " WHERE sop_uid = ? AND destination = ?", (error, time.time() + delay, sop_uid, destination))
         self._transaction(statements)
 
+    # ------------------------------------------------------------ the node's processes
+    def register(self, process_id: str, host: str, pid: int, role: str, version: str) -> None:
+        """A process joins (rows of processes silent for 10 minutes are dropped: they died)."""
+        now = time.time()
+
+        def statements(db):
+            db.execute("DELETE FROM processes WHERE heartbeat_at < ?", (now - 600,))
+            db.execute("INSERT OR REPLACE INTO processes VALUES (?,?,?,?,?,?,?)",
+                       (process_id, host, pid, role, version, now, now))
+        self._transaction(statements)
+
+    def heartbeat(self, process_id: str) -> None:
+        self._transaction(lambda db: db.execute("UPDATE processes SET heartbeat_at = ? WHERE process_id = ?",
+                                                (time.time(), process_id)))
+
+    def unregister(self, process_id: str) -> None:
+        self._transaction(lambda db: db.execute("DELETE FROM processes WHERE process_id = ?", (process_id,)))
+
+    def processes(self) -> list[dict]:
+        """Every registered process: role, host, pid, version, seconds since its heartbeat, jobs it holds."""
+        rows = self._query("SELECT p.*, (SELECT COUNT(*) FROM instances i WHERE i.state = 'processing'"
+                           " AND i.claimed_by = p.process_id) jobs_in_flight FROM processes p ORDER BY started_at")
+        now = time.time()
+        return [{"role": r["role"], "host": r["host"], "pid": r["pid"], "version": r["version"],
+                 "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "jobs_in_flight": r["jobs_in_flight"]}
+                for r in rows]
+
     # ------------------------------------------------------------ reporting and retention
     def counts(self) -> dict:
-        instances = {s: 0 for s in INSTANCE_STATES}
+        instances = {str(s): 0 for s in State}
         instances.update({r["state"]: r["n"] for r in self._query("SELECT state, COUNT(*) n FROM instances GROUP BY state")})
-        results = {s: 0 for s in RESULT_STATES}
+        results = {str(s): 0 for s in Delivery}
         results.update({r["state"]: r["n"] for r in self._query("SELECT state, COUNT(*) n FROM results GROUP BY state")})
         return {"instances": instances, "results": results}
 
@@ -198,9 +322,9 @@ class Queue:
                               " ORDER BY at DESC LIMIT ?", (limit,))
         return failed + sending
 
-    def instance(self, sop_uid: str) -> dict | None:
+    def instance(self, sop_uid: str) -> Job | None:
         rows = self._query("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
-        return rows[0] if rows else None
+        return _from_row(Job, rows[0]) if rows else None
 
     def expired_files(self, older_than: float) -> list[str]:
         """Files of finished work older than the retention: inputs whose results all left, results sent

@@ -5,14 +5,18 @@ committed. Non-chest or non-image objects are accepted too (the worker records t
 """
 from __future__ import annotations
 
+import functools
+import socket
 import ssl
 import tempfile
+import threading
 
 import pydicom
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
                          JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import AuditTrail
@@ -59,6 +63,16 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
         context.load_verify_locations(tls.ca_certificates)
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return context
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """Listens with SO_REUSEPORT, so that the node's receiver processes (`receiver_processes`) share the
+    port and the kernel spreads new associations across them. Linux lets only processes of the same
+    user join, so another account cannot take a share of the port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class Receiver:
@@ -117,10 +131,13 @@ class Receiver:
         return 0x0000, ds, ""
 
     def start(self) -> None:
-        # Data sets stream to a file as they arrive (no copy held in memory per association); the
-        # file is created in the spool's incoming folder so that accepting it is a rename.
+        # Data sets stream to a file as they arrive (no copy held in memory per association), created
+        # in the spool's incoming folder so that accepting it is a rename. pynetdicom makes that file
+        # with its own reference to tempfile.NamedTemporaryFile: only that reference is pointed at the
+        # spool (tempfile's process-wide folder stays as it is), and stop() puts both settings back.
+        self._pynetdicom_settings = _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.spool.incoming)
+        dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=self.spool.incoming)
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.config.network_timeout
@@ -132,10 +149,14 @@ class Receiver:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
                     (evt.EVT_ACCEPTED, self._accepted)]
-        self.server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers,
-                                      ssl_context=tls_context(self.config.tls) if self.config.tls else None)
+        self.server = ae.make_server(
+            (self.config.bind, self.config.port), evt_handlers=handlers,
+            ssl_context=tls_context(self.config.tls) if self.config.tls else None,
+            server_class=SharedPortServer if self.config.receiver_processes > 1 else ThreadedAssociationServer)
+        ae._servers.append(self.server)  # as AE.start_server does: the server's shutdown() removes it there
+        threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True).start()
         log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port,
-            tls=bool(self.config.tls))
+            tls=bool(self.config.tls), shared_port=self.config.receiver_processes > 1)
 
     def _accepted(self, event) -> None:
         if self.audit:
@@ -151,3 +172,4 @@ class Receiver:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = self._pynetdicom_settings

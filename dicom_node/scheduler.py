@@ -1,5 +1,5 @@
 """Periodic jobs (APScheduler): promote stable studies, send results, refresh gauges, purge by
-retention, and ping the systemd watchdog."""
+retention, remove half-written files, and ping the systemd watchdog."""
 from __future__ import annotations
 
 import time
@@ -44,6 +44,8 @@ def start_scheduler(config: Config, queue: Queue, spool: Spool, sender: Sender) 
         scheduler.add_job(sender.send_due, seconds=1, id="send", **every)
     scheduler.add_job(refresh_gauges, args=[queue, spool], seconds=5, id="gauges", **every)
     scheduler.add_job(purge_expired, args=[queue, config.retention_days], minutes=60, id="purge", **every)
+    # what a crashed receiver left half written (files still being received are newer than this)
+    scheduler.add_job(spool.clean_temporary, args=[2 * config.network_timeout], minutes=60, id="clean", **every)
     interval = watchdog_interval()
     if interval:
         scheduler.add_job(notify, args=["WATCHDOG=1"], seconds=interval / 2, id="watchdog", **every)

@@ -16,7 +16,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, Destination
 from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
-from dicom_node.queue import Queue
+from dicom_node.queue import Outgoing, Queue
 
 RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage)
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -84,92 +84,92 @@ class Sender:
     def __init__(self, config: Config, queue: Queue, audit: AuditTrail | None = None):
         self.config, self.queue, self.audit = config, queue, audit
 
-    def _audit(self, row: dict, destination: Destination, stored: bool, detail: str = "") -> None:
+    def _audit(self, outgoing: Outgoing, destination: Destination, stored: bool, detail: str = "") -> None:
         if not self.audit:
             return
         try:
-            header = pydicom.dcmread(row["path"], stop_before_pixels=True,
+            header = pydicom.dcmread(outgoing.path, stop_before_pixels=True,
                                      specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
         except (OSError, pydicom.errors.InvalidDicomError):
             header = None
         sop_class = str(header.get("SOPClassUID", "")) if header is not None else ""
-        self.audit.result_sent(destination, header, sop_class, row["sop_uid"], stored, detail)
+        self.audit.result_sent(destination, header, sop_class, outgoing.sop_uid, stored, detail)
 
-    def _failed(self, row: dict, destination: Destination, error: str, kind: str = TRANSIENT) -> None:
+    def _failed(self, outgoing: Outgoing, destination: Destination, error: str, kind: str = TRANSIENT) -> None:
         SEND_FAILURES.labels(destination.name, kind).inc()
         if kind == PERMANENT:
-            self.queue.mark_send_refused(row["sop_uid"], destination.name, error)
-            log("send refused; kept as failed until `cxr-node retry`", 40, uid=row["sop_uid"], kind=row["kind"],
+            self.queue.mark_send_refused(outgoing.sop_uid, destination.name, error)
+            log("send refused; kept as failed until `cxr-node retry`", 40, uid=outgoing.sop_uid, kind=outgoing.kind,
                 destination=destination.name, error=error)
-            if destination.sr_only_with_seg and row["kind"] == "SEG":
-                self.queue.refuse_held_reports(row["source_sop_uid"], destination.name,
+            if destination.sr_only_with_seg and outgoing.kind == "SEG":
+                self.queue.refuse_held_reports(outgoing.source_sop_uid, destination.name,
                                                f"not sent: its SEG was refused ({error})")
             return
-        self.queue.mark_send_failed(row["sop_uid"], destination.name, error,
+        self.queue.mark_send_failed(outgoing.sop_uid, destination.name, error,
                                     self.config.retry_initial_seconds, self.config.retry_max_seconds)
-        log("send failed; will retry", 30, uid=row["sop_uid"], destination=destination.name, error=error,
-            attempt=row["attempts"] + 1)
+        log("send failed; will retry", 30, uid=outgoing.sop_uid, destination=destination.name, error=error,
+            attempt=outgoing.attempts + 1)
 
     def send_due(self) -> int:
         """One pass over every destination; returns how many results were stored."""
         stored = 0
         for destination in self.config.destinations:
-            while rows := self.queue.due_results(destination.name, sr_only_with_seg=destination.sr_only_with_seg):
-                sent_now, refused = self._send_batch(destination, rows)
+            while batch := self.queue.due_results(destination.name, sr_only_with_seg=destination.sr_only_with_seg):
+                sent_now, refused = self._send_batch(destination, batch)
                 stored += sent_now
-                if sent_now + refused < len(rows):
+                if sent_now + refused < len(batch):
                     break  # transient failures wait for their backoff
         return stored
 
-    def _send_batch(self, destination: Destination, rows: list[dict]) -> tuple[int, int]:
-        """(stored, permanently refused) of `rows`, over one association."""
+    def _send_batch(self, destination: Destination, batch: list[Outgoing]) -> tuple[int, int]:
+        """(stored, permanently refused) of `batch`, over one association."""
         try:
             assoc = associate(self.config, destination)
         except (OSError, ssl.SSLError) as error:  # e.g. the destination's certificate does not verify
-            for row in rows:
-                self._failed(row, destination, f"TLS or network error: {error}")
+            for outgoing in batch:
+                self._failed(outgoing, destination, f"TLS or network error: {error}")
             return 0, 0
         if not assoc.is_established:
-            for row in rows:
-                self._failed(row, destination, "association rejected, aborted or destination unreachable")
+            for outgoing in batch:
+                self._failed(outgoing, destination, "association rejected, aborted or destination unreachable")
             return 0, 0
         stored = refused = 0
         try:
-            for row in rows:
-                if not Path(row["path"]).exists():  # nothing can bring the file back: say so, do not spin
-                    self._failed(row, destination, f"result file missing: {row['path']}", PERMANENT)
+            for outgoing in batch:
+                if not Path(outgoing.path).exists():  # nothing can bring the file back: say so, do not spin
+                    self._failed(outgoing, destination, f"result file missing: {outgoing.path}", PERMANENT)
                     refused += 1
                     continue
                 try:
-                    status = assoc.send_c_store(Path(row["path"]))  # sent as stored, not decoded
+                    status = assoc.send_c_store(Path(outgoing.path))  # sent as stored, not decoded
                 except ValueError as error:  # no accepted presentation context: the PACS does not take this class
-                    self._failed(row, destination, f"not accepted by the destination: {error}", PERMANENT)
+                    self._failed(outgoing, destination, f"not accepted by the destination: {error}", PERMANENT)
                     refused += 1
                     continue
                 except pydicom.errors.InvalidDicomError as error:
-                    self._failed(row, destination, f"result file unreadable: {error}", PERMANENT)
+                    self._failed(outgoing, destination, f"result file unreadable: {error}", PERMANENT)
                     refused += 1
                     continue
                 except (OSError, RuntimeError) as error:
-                    self._failed(row, destination, f"{type(error).__name__}: {error}")
+                    self._failed(outgoing, destination, f"{type(error).__name__}: {error}")
                     continue
                 code = getattr(status, "Status", None)
                 outcome = status_class(code)
                 if outcome in (STORED, WARNING):
                     warning = f"stored with warning status 0x{code:04X}" if outcome == WARNING else None
-                    self.queue.mark_sent(row["sop_uid"], destination.name, warning)
-                    self._audit(row, destination, stored=True, detail=warning or "")
+                    self.queue.mark_sent(outgoing.sop_uid, destination.name, warning)
+                    self._audit(outgoing, destination, stored=True, detail=warning or "")
                     SENT.labels(destination.name, outcome).inc()
-                    log("result stored", 30 if warning else 20, uid=row["sop_uid"], kind=row["kind"],
-                        source_uid=row["source_sop_uid"], destination=destination.name,
+                    log("result stored", 30 if warning else 20, uid=outgoing.sop_uid, kind=outgoing.kind,
+                        source_uid=outgoing.source_sop_uid, destination=destination.name,
                         **({"warning": warning} if warning else {}))
                     stored += 1
                 else:
                     reason = "no response (association lost)" if code is None else \
                         f"C-STORE status 0x{code:04X}" + (f" ({TRANSIENT_STATUSES[code]})" if code in TRANSIENT_STATUSES else "")
-                    self._failed(row, destination, reason, outcome)
+                    self._failed(outgoing, destination, reason, outcome)
                     if code is not None:  # the destination answered: a transfer that failed
-                        self._audit(row, destination, stored=False, detail=reason)
+                        self._audit(outgoing, destination, stored=False, detail=reason)
                     refused += outcome == PERMANENT
                 if not assoc.is_established:
                     break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
@@ -58,9 +59,13 @@ class Spool:
         _fsync(path.parent)
         return path
 
-    def clean_temporary(self) -> int:
-        """Remove what a crash left half written; never called while receiving."""
-        leftovers = [*self.incoming.iterdir(), *self.inputs.glob(".tmp-*"), *self.results.glob(".tmp-*")]
+    def clean_temporary(self, older_than_seconds: float) -> int:
+        """Remove what a crash left half written. Only files untouched for `older_than_seconds`: other
+        receiver processes may be writing into the same folders (a file being received grows at least
+        once per network timeout, or its association is aborted)."""
+        cutoff = time.time() - older_than_seconds
+        leftovers = [path for path in (*self.incoming.iterdir(), *self.inputs.glob(".tmp-*"), *self.results.glob(".tmp-*"))
+                     if path.stat().st_mtime < cutoff]
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         return len(leftovers)

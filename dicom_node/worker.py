@@ -8,20 +8,20 @@ import sqlite3
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pydicom
 
 from dicom_node import filter as chest_filter
+from dicom_node.config import Config
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
 from dicom_node.outputs.capture import build_capture
 from dicom_node.outputs.identity import Algorithm
 from dicom_node.outputs.seg import build_segmentation
-from dicom_node.outputs.source import no_patient_data_in_warnings, prepare_source
+from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
-from dicom_node.queue import Queue
+from dicom_node.queue import Job, Queue, State
 from dicom_node.spool import Spool
 from model.infer import Pipeline
 
@@ -33,29 +33,31 @@ def encode(ds: pydicom.Dataset) -> bytes:
 
 
 class Worker:
-    def __init__(self, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
-                 destinations: list[str], results_dir: Path, min_free_mb: float = 0, secondary_capture: bool = False):
-        self.queue, self.spool, self.pipeline, self.algorithm = queue, spool, pipeline, algorithm
-        self.destinations, self.results_dir, self.min_free_mb = destinations, Path(results_dir), min_free_mb
-        self.secondary_capture = secondary_capture
+    """Stateless between jobs: worker threads share one."""
 
-    def process(self, job: dict) -> str:
+    def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
+                 process_id: str | None = None):
+        self.config, self.queue, self.spool, self.pipeline, self.algorithm = config, queue, spool, pipeline, algorithm
+        self.destinations = [destination.name for destination in config.destinations]
+        self.process_id = process_id  # recorded on the jobs it claims (`cxr-node status`: jobs in flight)
+
+    def process(self, job: Job) -> State:
         """Finish one claimed job; returns its final state. Never raises: a failure is recorded."""
-        uid = job["sop_uid"]
+        uid = job.sop_uid
         started = time.perf_counter()
         try:
             state = self._process(job)
         except UnusableImage as error:
-            state = "failed"
+            state = State.FAILED
             self.queue.fail(uid, f"unusable image: {error}")
             log("instance failed", uid=uid, reason=str(error))
         except Exception as error:  # one bad image must not stop the others; the reason is kept
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-                state = "queued"  # the disk filled up under us: not the image's fault, try again later
+                state = State.QUEUED  # the disk filled up under us: not the image's fault, try again later
                 self.queue.requeue(uid, f"disk full: {error.strerror}")
                 log("disk full while writing results; job put back in the queue", 40, uid=uid)
             else:
-                state = "failed"
+                state = State.FAILED
                 reason = f"{type(error).__name__}: {error}"[:500]
                 self.queue.fail(uid, reason)
                 log("instance failed", 40, uid=uid, reason=reason)
@@ -63,10 +65,10 @@ class Worker:
         PROCESSING_SECONDS.observe(time.perf_counter() - started)
         return state
 
-    def _process(self, job: dict) -> str:
-        uid = job["sop_uid"]
+    def _process(self, job: Job) -> State:
+        uid = job.sop_uid
         analysis_started = datetime.now().astimezone()
-        ds = pydicom.dcmread(job["path"])
+        ds = pydicom.dcmread(job.path)
         decision = chest_filter.by_tags(ds)
         if decision.frontal_chest is False:
             return self._skip(uid, decision)
@@ -76,19 +78,18 @@ class Worker:
         if not decision.frontal_chest:
             return self._skip(uid, decision)
         source = prepare_source(ds)
-        with no_patient_data_in_warnings():
-            segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
-            report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
-            outputs = [("SEG", segmentation), ("SR", report)]
-            if self.secondary_capture:
-                shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
-                outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, analysis_started)))
+        segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
+        report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
+        outputs = [("SEG", segmentation), ("SR", report)]
+        if self.config.secondary_capture:
+            shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
+            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, analysis_started)))
         results = []
         for kind, result in outputs:
             if self.destinations:
                 path = self.spool.result_path(result.SOPInstanceUID, kind)
             else:  # no PACS configured: the results folder is the delivery
-                folder = self.results_dir / source.StudyInstanceUID
+                folder = self.config.results_dir / source.StudyInstanceUID
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path = folder / Spool.file_name(result.SOPInstanceUID, kind)
             Spool.write(path, encode(result))
@@ -98,19 +99,19 @@ class Worker:
         self.queue.complete(uid, results, self.destinations, decision.decided_by, seg.opacity_pct, note)
         log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
             seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID, **({"note": note} if note else {}))
-        return "done"
+        return State.DONE
 
-    def _skip(self, uid: str, decision: chest_filter.Decision) -> str:
+    def _skip(self, uid: str, decision: chest_filter.Decision) -> State:
         self.queue.skip(uid, decision.reason, decision.decided_by)
         log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
-        return "skipped"
+        return State.SKIPPED
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            if self.spool.free_mb() < self.min_free_mb:  # results need room too; wait for it
+            if self.spool.free_mb() < self.config.min_free_mb:  # results need room too; wait for it
                 stop.wait(1)
                 continue
-            job = self.queue.claim_next()
+            job = self.queue.claim_next(self.process_id)
             if job is None:
                 stop.wait(0.2)
                 continue
@@ -118,8 +119,8 @@ class Worker:
                 self.process(job)
             except sqlite3.Error as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
                 log("queue write failed; the job goes back to the queue once it can be written", 40,
-                    uid=job["sop_uid"], error=str(error))
+                    uid=job.sop_uid, error=str(error))
                 while not stop.wait(1):
                     with contextlib.suppress(sqlite3.Error):
-                        self.queue.requeue(job["sop_uid"], f"queue write failed: {error}")
+                        self.queue.requeue(job.sop_uid, f"queue write failed: {error}")
                         break

@@ -142,10 +142,14 @@ class Node:
         offset = len(self.log())  # a restart appends to the same log
         self.process = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
                                         cwd=REPO, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: '"event": "ready"' in self.log()[offset:] or self.process.poll() is not None, 120,
-                 what="node ready")
+        wait_for(lambda: self._main_ready(offset) or self.process.poll() is not None, 120, what="node ready")
         assert self.process.poll() is None, self.log()[-3000:]
         return self
+
+    def _main_ready(self, offset: int) -> bool:
+        """The node (not one of its extra receiver processes) said it is ready."""
+        return any('"event": "ready"' in line and '"role": "receiver"' not in line
+                   for line in self.log()[offset:].splitlines())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

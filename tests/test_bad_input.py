@@ -21,12 +21,20 @@ from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, JPEG20
                          ImplicitVRLittleEndian, generate_uid)
 from pynetdicom import AE, _config
 
-_config.STORE_SEND_CHUNKED_DATASET = True  # send a file's body as it is, undecoded (pynetdicom's documented switch)
-
 from tests.harness import Node, Orthanc, chest_copies, dcmsend, wait_for
 from tests.test_node_integration import results_by_source
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def send_files_undecoded():
+    """pynetdicom's documented switch to send a file's body as it is, undecoded: for this module's tests
+    only (set at import, it changed how every later test's in-process sender negotiated)."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
 
 CHEST = "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # PA chest, JPEG baseline
 J2K = "pydicom-data/RG1_J2KR.dcm"  # CR chest, JPEG 2000 lossless

@@ -40,16 +40,15 @@ def node_config(tmp_path, port: int, destination_port: int = 0):
 
 
 @pytest.fixture
-def receiver(tmp_path, monkeypatch):
-    # Receiver.start sets process-wide pynetdicom and tempfile settings (its spool as the temporary
-    # folder); they must not outlive this test's folder.
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", pynetdicom_config.STORE_RECV_CHUNKED_DATASET)
+def receiver(tmp_path):
     config = node_config(tmp_path, free_port())
     receiver = Receiver(config, *open_state(config))
+    temporary_folder, chunked = tempfile.gettempdir(), pynetdicom_config.STORE_RECV_CHUNKED_DATASET
     receiver.start()
+    assert tempfile.gettempdir() == temporary_folder  # the spool is not the process's temporary folder
     yield config
     receiver.stop()
+    assert pynetdicom_config.STORE_RECV_CHUNKED_DATASET == chunked  # pynetdicom as it was
 
 
 def test_the_receiver_accepts_exactly_the_documented_classes_and_transfer_syntaxes(receiver):

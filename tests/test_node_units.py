@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import ConfigError, load_config
-from dicom_node.queue import Queue
+from dicom_node.queue import Queue, State
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,12 @@ def test_interrupted_jobs_are_recovered_and_results_not_duplicated(tmp_path):
     assert queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
     assert not queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
     assert queue.promote_stable(0) == 1
-    assert queue.claim_next()["sop_uid"] == "1.2.3"
+    assert queue.claim_next().sop_uid == "1.2.3"
     queue.close()
     queue = Queue(tmp_path / "q.sqlite3")  # as after kill -9 during processing
     assert queue.recover() == 1
     job = queue.claim_next()
-    assert job["attempts"] == 1  # the row as claimed; the claim itself counted a second attempt
+    assert job.state == State.PROCESSING and job.attempts == 2  # this claim is the second attempt
     results = [("2.25.1", "SEG", tmp_path / "s.dcm"), ("2.25.2", "SR", tmp_path / "r.dcm")]
     queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)
     queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)  # reprocessing gives the same result UIDs
@@ -151,3 +151,45 @@ def pydicom_valid(uid: str) -> bool:
     import pydicom
 
     return pydicom.uid.UID(uid).is_valid and len(uid) <= 64
+
+
+def test_an_old_queue_is_migrated_and_a_newer_one_refused(tmp_path):
+    import sqlite3
+
+    from dicom_node.queue import SCHEMA_VERSION
+    old = sqlite3.connect(tmp_path / "q.sqlite3")  # the 0.3.0 schema: no version, no claimed_by
+    old.executescript("CREATE TABLE instances (sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT,"
+                      " sop_class_uid TEXT, calling_ae TEXT, path TEXT, state TEXT NOT NULL, reason TEXT,"
+                      " decided_by TEXT, opacity_pct REAL, attempts INTEGER NOT NULL DEFAULT 0,"
+                      " received_at REAL NOT NULL, updated_at REAL NOT NULL);"
+                      "INSERT INTO instances (sop_uid, state, received_at, updated_at) VALUES ('1.2.3', 'queued', 1, 1);")
+    old.commit()
+    old.close()
+    queue = Queue(tmp_path / "q.sqlite3")
+    assert queue.claim_next("host:1:1").sop_uid == "1.2.3"  # kept, and claimable with the new column
+    queue.close()
+    newer = sqlite3.connect(tmp_path / "q.sqlite3")
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.commit()
+    newer.close()
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "q.sqlite3").rename(state / "queue.sqlite3")
+    (tmp_path / "site.toml").write_text(f'[storage]\nstate_dir = "{state}"\n')
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(tmp_path / "site.toml")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "newer than this cxr-node" in result.stderr
+
+
+def test_status_lists_the_processes_and_the_jobs_they_hold(tmp_path):
+    queue = Queue(tmp_path / "q.sqlite3")
+    queue.register("h:10:1", "h", 10, "all", "0.4.0")
+    queue.register("h:11:1", "h", 11, "receiver", "0.4.0")
+    queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm", state="queued")
+    queue.claim_next("h:10:1")
+    processes = {p["pid"]: p for p in queue.processes()}
+    assert processes[10]["role"] == "all" and processes[10]["jobs_in_flight"] == 1
+    assert processes[11]["role"] == "receiver" and processes[11]["jobs_in_flight"] == 0
+    assert processes[10]["heartbeat_age_s"] < 5
+    queue.unregister("h:11:1")
+    assert [p["pid"] for p in queue.processes()] == [10]

@@ -24,11 +24,11 @@ class LoopbackPacs:
     """A C-STORE SCP that answers the next status of `answers` (0x0000 once they run out) and keeps
     what it stored."""
 
-    def __init__(self, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage)):
+    def __init__(self, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage), transfer_syntaxes=None):
         self.answers, self.received, self.port = [], [], free_port()
         ae = AE(ae_title="PACS")
         for sop_class in sop_classes:
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, transfer_syntaxes)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
 
@@ -166,3 +166,13 @@ def test_sr_only_with_seg_fails_the_sr_when_its_seg_is_refused(tmp_path, pacs):
     assert queue.retry_failed_results(SOURCE) == 2
     send_until_quiet(sender)
     assert pacs.stored() == ["2.25.1", "2.25.2"]
+
+
+def test_a_pacs_that_takes_only_implicit_vr_gets_the_results_converted(tmp_path):
+    pacs = LoopbackPacs(transfer_syntaxes=[pydicom.uid.ImplicitVRLittleEndian])  # the results are explicit VR
+    try:
+        queue, sender = setup(tmp_path, pacs)
+        send_until_quiet(sender, 0.5)
+        assert sorted(pacs.stored()) == ["2.25.1", "2.25.2"]
+    finally:
+        pacs.server.shutdown()

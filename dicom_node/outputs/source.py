@@ -2,9 +2,7 @@
 projection image (no patient space), and the pixel calibration that decides whether areas are known."""
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 from dataclasses import dataclass
 
 import pydicom
@@ -25,14 +23,6 @@ def _valid_spacing(value) -> bool:
         return value is not None and len(value) == 2 and all(float(v) > 0 for v in value)
     except (TypeError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def no_patient_data_in_warnings():
-    """highdicom warns about odd person names by printing the name: keep that out of the logs."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
-        yield
 
 
 def prepare_source(source: pydicom.Dataset) -> pydicom.Dataset:
