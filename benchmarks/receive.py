@@ -1,9 +1,9 @@
 """Receive throughput, side by side on the same machine and the same files: cxr-node's receiver
-(durable: fsync + queue commit before 0x0000) in one process and in two sharing the port
-(`node.receiver_processes = 2`), DCMTK storescp and pynetdicom's storescp app, fed by DCMTK storescu
+(durable: fsync + queue commit before 0x0000) in one process and in several sharing the port
+(`node.receiver_processes`), DCMTK storescp and pynetdicom's storescp app, fed by DCMTK storescu
 over one association and over several at once.
 
-    .venv/bin/python benchmarks/receive.py [--copies 200] [--runs 3] [--parallel 4]
+    .venv/bin/python benchmarks/receive.py [--copies 200] [--runs 3] [--parallel 4] [--receiver-processes 2]
 The copies are the real radiographs of ../shared/data/dicom, decompressed (storescu sends what it can
 propose), with new UIDs. TCP_NODELAY=1 is set for DCMTK on both ends. cxr-node runs with a long
 study-stable delay so that only receiving is measured."""
@@ -59,12 +59,13 @@ class Receiver:
         shutil.rmtree(self.folder, ignore_errors=True)
         out.mkdir(parents=True)
         if self.kind.startswith("cxr-node"):
-            processes = 2 if self.kind == "cxr-node x2" else 1  # node.receiver_processes
+            processes = int(self.kind.partition(" x")[2] or 1)  # node.receiver_processes
             self.node = Node(self.folder / "node", processing={"stable_seconds": 3600},
                              node={"allowed_calling_aes": [], "max_associations": 64,
                                    "receiver_processes": processes}).start()
-            if processes > 1:  # the extra receiver process listens too before the run starts
-                wait_for(lambda: '"role": "receiver"' in self.node.log(), 30, 0.2, "second receiver process")
+            if processes > 1:  # the extra receiver processes listen too before the run starts
+                wait_for(lambda: self.node.log().count('"role": "receiver"') >= processes - 1, 30, 0.2,
+                         "the extra receiver processes")
             return self.node.port
         port = free_port()
         command = {"dcmtk storescp": ["storescp", "-od", str(out), "-aet", "CXR_NODE", str(port)],
@@ -100,8 +101,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--receiver-processes", type=int, default=2,
+                        help="also measure cxr-node with 2..N receiver processes (node.receiver_processes)")
     args = parser.parse_args()
-    kinds = ["cxr-node", "cxr-node x2", "dcmtk storescp", "pynetdicom storescp"]
+    kinds = ["cxr-node", *(f"cxr-node x{n}" for n in range(2, args.receiver_processes + 1)),
+             "dcmtk storescp", "pynetdicom storescp"]
     with tempfile.TemporaryDirectory(dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None) as folder:
         folder = Path(folder)
         files = make_copies(args.copies, folder / "copies")
