@@ -105,10 +105,11 @@ class Outgoing:
 
 
 class Queue:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout: float = 30):
+        """`busy_timeout`: seconds to wait for another process's write lock before sqlite3.Error."""
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the sender hears 0x0000

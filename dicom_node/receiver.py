@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import sqlite3
 import ssl
 import tempfile
 import threading
@@ -103,7 +104,11 @@ class Receiver:
             RECEIVED.labels("bad_uid").inc()
             log("refused: unusable SOP Instance UID", 30, calling_ae=calling, uid=uid[:80])
             return CANNOT_UNDERSTAND, None, "refused: unusable SOP Instance UID"
-        if self.queue.known(uid):
+        try:
+            known = self.queue.known(uid)
+        except sqlite3.Error as error:
+            return self._queue_failed(uid, calling, None, error)
+        if known:
             RECEIVED.labels("duplicate").inc()
             log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
             return 0x0000, None, "duplicate: already held"
@@ -125,10 +130,22 @@ class Receiver:
             log("refused: spool write failed", 40, uid=uid, calling_ae=calling, error=error.strerror)
             return OUT_OF_RESOURCES, ds, "refused: spool write failed"
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-        self.queue.record_received(uid, study, series, str(event.request.AffectedSOPClassUID), calling, path)
+        try:
+            self.queue.record_received(uid, study, series, str(event.request.AffectedSOPClassUID), calling, path)
+        except sqlite3.Error as error:
+            path.unlink(missing_ok=True)  # not recorded, so not accepted: the sender sends it again
+            return self._queue_failed(uid, calling, ds, error)
         RECEIVED.labels("accepted").inc()
         log("instance received", uid=uid, study_uid=study, calling_ae=calling)
         return 0x0000, ds, ""
+
+    @staticmethod
+    def _queue_failed(uid: str, calling: str, ds, error: Exception) -> tuple[int, object, str]:
+        """The queue cannot be read or written (locked past its timeout, I/O error): nothing is
+        acknowledged that is not recorded durably; out of resources tells the sender to try again."""
+        RECEIVED.labels("out_of_resources").inc()
+        log("refused: queue unavailable", 40, uid=uid, calling_ae=calling, error=str(error))
+        return OUT_OF_RESOURCES, ds, f"refused: queue unavailable ({error})"
 
     def start(self) -> None:
         # Data sets stream to a file as they arrive (no copy held in memory per association), created

@@ -193,3 +193,41 @@ def test_status_lists_the_processes_and_the_jobs_they_hold(tmp_path):
     assert processes[10]["heartbeat_age_s"] < 5
     queue.unregister("h:11:1")
     assert [p["pid"] for p in queue.processes()] == [10]
+
+
+def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_nothing(tmp_path, dicom_dir):
+    """Another process holds the SQLite write lock past the busy timeout: the C-STORE gets 0xA700 (try
+    again), not a 0x0000 for an instance the queue never recorded; once the lock is gone it is accepted."""
+    import sqlite3
+
+    import pydicom
+    from pynetdicom import AE
+
+    from dicom_node.receiver import Receiver
+    from dicom_node.spool import Spool
+    from tests.harness import free_port
+
+    port = free_port()
+    (tmp_path / "node.toml").write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n'
+                                        'min_free_mb = 0\n')
+    config = load_config(tmp_path / "node.toml")
+    spool = Spool(config.state_dir)
+    queue = Queue(config.state_dir / "queue.sqlite3", busy_timeout=0.2)
+    receiver = Receiver(config, queue, spool)
+    receiver.start()
+    ds = pydicom.dcmread(dicom_dir / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+    blocker = sqlite3.connect(config.state_dir / "queue.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the busy timeout
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=config.ae_title)
+    try:
+        assert assoc.send_c_store(ds).Status == 0xA700
+        assert list(spool.inputs.iterdir()) == [] and not queue.known(ds.SOPInstanceUID)
+        blocker.execute("ROLLBACK")
+        assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry
+        assert queue.known(ds.SOPInstanceUID) and len(list(spool.inputs.iterdir())) == 1
+    finally:
+        assoc.release()
+        blocker.close()
+        receiver.stop()
