@@ -231,3 +231,26 @@ def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_
         assoc.release()
         blocker.close()
         receiver.stop()
+
+
+def test_audit_messages_reach_a_tcp_syslog_collector_with_octet_counting(tmp_path):
+    """RFC 5424 over TCP, framed as RFC 6587 octet counting: `LENGTH SP MESSAGE`."""
+    import socket
+    import xml.etree.ElementTree as ET
+
+    from dicom_node.audit import AuditTrail
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(5)
+    audit = AuditTrail(tmp_path / "audit.log", "CXR_NODE", f"tcp://127.0.0.1:{server.getsockname()[1]}")
+    audit.application(started=True)
+    connection, _ = server.accept()
+    with connection, server:
+        data = b""
+        while b" " not in data or len(data) < int(data.split(b" ", 1)[0]) + len(data.split(b" ", 1)[0]) + 1:
+            data += connection.recv(65536)
+    length, record = data.split(b" ", 1)
+    assert int(length) == len(record) and record.startswith(b"<85>1 ")
+    message = ET.fromstring(record.split(b"\xef\xbb\xbf", 1)[1].decode())
+    assert message.find("EventIdentification/EventID").get("csd-code") == "110100"
+    assert (tmp_path / "audit.log").read_text().strip() == ET.tostring(message, encoding="unicode")

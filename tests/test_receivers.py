@@ -52,3 +52,16 @@ def test_two_receiver_processes_share_the_port_and_the_queue(dicom_dir, tmp_path
         node.stop()
     assert events(node, "stopped") and not any(os.path.exists(f"/proc/{e['pid']}") for e in events(node, "ready"))
     assert "Traceback" not in node.log()  # every process stopped cleanly
+
+
+def test_a_receiver_process_stops_when_the_node_that_started_it_is_killed(tmp_path):
+    node = Node(tmp_path / "node", node={"receiver_processes": 2}).start()
+    try:
+        wait_for(lambda: any(e.get("role") == "receiver" for e in events(node, "ready")), 30, what="the receiver process")
+        child = next(e["pid"] for e in events(node, "ready") if e.get("role") == "receiver")
+        node.kill()  # kill -9: nothing of the node's own shutdown runs
+        wait_for(lambda: not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read(),
+                 20, what="the orphaned receiver process to stop")
+        assert events(node, "the node that started this receiver is gone; stopping")
+    finally:
+        node.stop()
