@@ -63,10 +63,8 @@ class Delivery(StrEnum):
 
 
 def _from_row(cls, row: dict):
-    """A Job or Outgoing from a table row (its state as the enum)."""
-    values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
-    values["state"] = (State if cls is Job else Delivery)(values["state"])
-    return cls(**values)
+    """A Job or Outgoing from a table row (the columns it has fields for)."""
+    return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
 @dataclass(frozen=True)
@@ -87,6 +85,9 @@ class Job:
     opacity_pct: float | None = None
     claimed_by: str | None = None  # the process working on it (host:pid:start)
 
+    def __post_init__(self):
+        object.__setattr__(self, "state", State(self.state))  # the column holds its value
+
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -102,6 +103,9 @@ class Outgoing:
     next_attempt_at: float | None = None
     last_error: str | None = None
     sent_at: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "state", Delivery(self.state))  # the column holds its value
 
 
 class Queue:

@@ -254,3 +254,25 @@ def test_audit_messages_reach_a_tcp_syslog_collector_with_octet_counting(tmp_pat
     message = ET.fromstring(record.split(b"\xef\xbb\xbf", 1)[1].decode())
     assert message.find("EventIdentification/EventID").get("csd-code") == "110100"
     assert (tmp_path / "audit.log").read_text().strip() == ET.tostring(message, encoding="unicode")
+
+
+def test_half_written_files_are_removed_only_once_no_process_can_still_be_writing_them(tmp_path):
+    import os
+
+    from dicom_node.spool import Spool
+
+    spool = Spool(tmp_path / "state")
+    fresh, stale = spool.incoming / "fresh.dcm", spool.incoming / "stale.dcm"
+    fresh.write_bytes(b"being received by another receiver process")
+    stale.write_bytes(b"left by a crash")
+    os.utime(stale, (time.time() - 300, time.time() - 300))
+    assert spool.clean_temporary(older_than_seconds=120) == 1
+    assert fresh.exists() and not stale.exists()
+
+
+def test_an_audit_log_that_cannot_be_written_never_raises(tmp_path):
+    from dicom_node.audit import AuditTrail
+
+    audit = AuditTrail(tmp_path / "no such folder" / "audit.log", "CXR_NODE")
+    audit.application(started=True)  # logged, not raised: a DICOM answer must not depend on it
+    assert not (tmp_path / "no such folder").exists()

@@ -186,3 +186,17 @@ def test_the_seg_orientation_agrees_with_the_patient_orientation(radiograph, pat
     segmentation = build_all(ds)[1]
     orientation = segmentation.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     assert [int(v) for v in orientation] == expected
+
+
+@pytest.mark.parametrize("transfer_syntax, lossy", [(pydicom.uid.JPEGBaseline8Bit, True),
+                                                     (pydicom.uid.ExplicitVRLittleEndian, False)])
+def test_the_secondary_capture_is_marked_lossy_when_its_source_arrived_lossy_compressed(radiograph, transfer_syntax,
+                                                                                         lossy):
+    ds = radiograph.copy()
+    ds.file_meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
+    ds.file_meta.TransferSyntaxUID = transfer_syntax  # the header as it came (pixels already decoded)
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    capture = build_all(ds)[3]
+    assert (capture.get("LossyImageCompression") == "01") == lossy

@@ -176,3 +176,12 @@ def test_a_pacs_that_takes_only_implicit_vr_gets_the_results_converted(tmp_path)
         assert sorted(pacs.stored()) == ["2.25.1", "2.25.2"]
     finally:
         pacs.server.shutdown()
+
+
+def test_a_result_whose_file_is_gone_is_refused_not_retried_for_ever(tmp_path, pacs):
+    queue, sender = setup(tmp_path, pacs)
+    (tmp_path / "2.25.1.dcm").unlink()
+    send_until_quiet(sender, 0.5)
+    row = state(queue, "2.25.1")
+    assert row["state"] == "failed" and "result file missing" in row["last_error"]
+    assert pacs.stored() == ["2.25.2"]
