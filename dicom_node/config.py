@@ -106,21 +106,26 @@ def _flag(section: dict, key: str, path: str) -> bool:
     return section[key]
 
 
+def _pem_file(section: dict, key: str, path: str, base_dir: Path) -> Path | None:
+    """The PEM file `section[key]` names (relative to base_dir), None when it names none."""
+    if not section.get(key):
+        return None
+    file = (base_dir / section[key]).resolve()
+    if not file.is_file():
+        raise ConfigError(f"{path}.{key}: no such file {file}")
+    return file
+
+
 def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
     if not section["enabled"]:
         return None
     require_client = bool(section["require_client_certificate"])
 
     def pem(key: str, needed: bool) -> Path | None:
-        if not section[key]:
-            if needed:
-                raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
-                                  + (" and client certificates are required" if key == "ca_certificates" else ""))
-            return None
-        path = (base_dir / section[key]).resolve()
-        if not path.is_file():
-            raise ConfigError(f"tls.{key}: no such file {path}")
-        return path
+        if needed and not section[key]:
+            raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
+                              + (" and client certificates are required" if key == "ca_certificates" else ""))
+        return _pem_file(section, key, "tls", base_dir)
     return TLSSettings(pem("certificate", True), pem("private_key", True), pem("ca_certificates", require_client),
                        require_client)
 
@@ -146,15 +151,8 @@ def _destination(entry: dict, key: str, base_dir: Path) -> Destination:
     unknown = set(entry) - DESTINATION_KEYS
     if unknown:
         raise ConfigError(f"unknown setting '{key}.{sorted(unknown)[0]}'")
-
-    def pem(name: str) -> Path | None:
-        if not entry.get(name):
-            return None
-        path = (base_dir / entry[name]).resolve()
-        if not path.is_file():
-            raise ConfigError(f"{key}.{name}: no such file {path}")
-        return path
-    ca, certificate, private_key = pem("tls_ca_certificates"), pem("tls_certificate"), pem("tls_private_key")
+    ca, certificate, private_key = (_pem_file(entry, name, key, base_dir)
+                                    for name in ("tls_ca_certificates", "tls_certificate", "tls_private_key"))
     if (certificate is None) != (private_key is None):
         raise ConfigError(f"{key}: tls_certificate and tls_private_key go together")
     if certificate and not ca:
