@@ -26,7 +26,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from dicom_node.config import load_config  # noqa: E402
-from dicom_node.queue import Queue  # noqa: E402
+from dicom_node.queue import Queue, SQLiteQueue  # noqa: E402
 from dicom_node.service import algorithm_identity  # noqa: E402
 from dicom_node.spool import Spool  # noqa: E402
 from dicom_node.worker import Worker  # noqa: E402
@@ -105,7 +105,8 @@ def main() -> None:
         folder = Path(folder)
         (folder / "bench.toml").write_text(f'[storage]\nstate_dir = "{folder / "state"}"\n')
         config = load_config(folder / "bench.toml")  # no destinations: results are written to state/results
-        queue, spool = Queue(folder / "queue.sqlite3"), Spool(config.state_dir)
+        spool = Spool(config.state_dir)
+        queue = SQLiteQueue(folder / "queue.sqlite3", spool, config.results_dir)
         worker = Worker(config, queue, spool, load_pipeline(threads=2), algorithm_identity())
         columns = {}
         for size in tqdm((1024, 2048, 3072), desc="image sizes"):

@@ -22,15 +22,16 @@ def cmd_status(args) -> int:
     import json
     from dataclasses import asdict
 
-    from dicom_node.queue import Queue
+    from dicom_node.queue import open_queue
 
     config = _config(args)
     database = config.state_dir / "queue.sqlite3"
-    if not database.exists():
+    if config.queue_backend == "sqlite" and not database.exists():
         print(f"cxr-node status: no queue at {database} (has the node run with this configuration?)", file=sys.stderr)
         return 1
-    queue = Queue(database)
-    report = {"state_dir": str(config.state_dir), "processes": queue.processes(), **queue.counts(),
+    queue = open_queue(config)
+    report = {"state_dir": str(config.state_dir), "queue": config.queue_backend, "processes": queue.processes(),
+              **queue.counts(),
               "last_errors": queue.last_errors()}
     if args.uid:
         job = queue.instance(args.uid)
@@ -68,9 +69,9 @@ def cmd_echo(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    from dicom_node.queue import Queue
+    from dicom_node.queue import open_queue
 
-    queue = Queue(_config(args).state_dir / "queue.sqlite3")
+    queue = open_queue(_config(args))
     instances, results = queue.retry_failed(args.uid), queue.retry_failed_results(args.uid)
     print(f"{instances} failed instance(s) queued again; {results} refused result(s) to be sent again")
     return 0 if instances or results or not args.uid else 1
@@ -122,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--config", help="site TOML overriding config/default.toml (default: embedded defaults)")
 
     serve = commands.add_parser("serve", parents=[config], help="run the DICOM node")
-    serve.add_argument("--role", choices=("all", "receiver"), default="all",
-                       help="all (default): receive, analyse, send; receiver: only receive into the shared spool "
-                            "(what `node.receiver_processes` starts)")
+    serve.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                       help="all (default): receive, analyse, send; receiver: only receive (what "
+                            "`node.receiver_processes` starts; with PostgreSQL, on any host); worker: only analyse "
+                            "and send (PostgreSQL only)")
     serve.set_defaults(handler=cmd_serve)
     status = commands.add_parser("status", parents=[config],
                                  help="the node's processes, queue counts and last errors (JSON)")
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dicom_node.config import ConfigError
-    from dicom_node.queue import SchemaTooNew
+    from dicom_node.queue import QueueUnavailable, SchemaTooNew
 
     args = build_parser().parse_args(argv)
     try:
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaTooNew as error:
         print(f"cxr-node: {error}", file=sys.stderr)
         return 2
+    except QueueUnavailable as error:  # e.g. PostgreSQL down at start-up: systemd starts the node again
+        print(f"cxr-node: queue unavailable: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class Config:
     log_level: str
     audit_log: Path
     audit_syslog: str
+    queue_backend: str = "sqlite"
+    queue_dsn: str = ""
+    stalled_seconds: float = 30
     source: list = field(default_factory=list)
 
 
@@ -144,6 +147,17 @@ DESTINATION_KEYS = {"name", "ae_title", "host", "port", "sr_only_with_seg", "tls
                     "tls_certificate", "tls_private_key"}
 
 
+def _queue(section: dict) -> tuple[str, str, float]:
+    """(backend, dsn, stalled_seconds) of [queue]."""
+    backend = section["backend"]
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f'queue.backend: "sqlite" or "postgresql", got {backend!r}')
+    dsn = str(section["dsn"])
+    if backend == "postgresql" and not dsn:
+        raise ConfigError('queue.dsn: needed with backend = "postgresql" (e.g. "postgresql://cxr@db.example/cxr")')
+    return backend, dsn, _number(section, "stalled_seconds", "queue", float, 5)
+
+
 def _destination(entry: dict, key: str, base_dir: Path) -> Destination:
     missing = {"name", "ae_title", "host", "port"} - set(entry)
     if missing:
@@ -191,6 +205,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         raise ConfigError(f"logging.level: one of {', '.join(LOG_LEVELS)}, got {raw['logging']['level']!r}")
     state_dir = (base_dir / storage["state_dir"]).resolve()
     results_dir = (base_dir / storage["results_dir"]).resolve() if storage["results_dir"] else state_dir / "results"
+    queue_backend, queue_dsn, stalled_seconds = _queue(raw["queue"])
     providers = processing["providers"]
     if not providers or not all(isinstance(p, str) for p in providers):
         raise ConfigError("processing.providers: a non-empty list of ONNX Runtime provider names")
@@ -213,5 +228,5 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         retention_days=_number(raw["retention"], "days", "retention", float),
         health_bind=str(raw["health"]["bind"]), health_port=_number(raw["health"], "port", "health"),
         log_level=level, audit_log=state_dir / raw["audit"]["file"], audit_syslog=_syslog(raw["audit"]["syslog"]),
-        source=sources,
+        queue_backend=queue_backend, queue_dsn=queue_dsn, stalled_seconds=stalled_seconds, source=sources,
     )

@@ -31,6 +31,10 @@ def setup_logging(level: str) -> None:
     # is the intended coalescing under load, not a fault.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # procrastinate logs every job start and end at INFO (periodic jobs several times a second); its
+    # warnings and failures stay. psycopg's pool repeats each failed reconnection while PostgreSQL is down.
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def log(event: str, level: int = logging.INFO, **fields) -> None:

@@ -1,13 +1,12 @@
 """pynetdicom AE: association policy, C-ECHO, and C-STORE into the durable spool.
 
-An instance is acknowledged 0x0000 only once its file is fsynced and renamed and its queue row
-committed. Non-chest or non-image objects are accepted too (the worker records them as skipped).
+An instance is acknowledged 0x0000 only once its bytes and its queue row are committed (the file
+fsynced and renamed into the spool with SQLite; bytes and row in one transaction with PostgreSQL). Non-chest or non-image objects are accepted too (the worker records them as skipped).
 """
 from __future__ import annotations
 
 import functools
 import socket
-import sqlite3
 import ssl
 import tempfile
 import threading
@@ -24,8 +23,8 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, TLSSettings
 from dicom_node.logs import log
 from dicom_node.metrics import RECEIVED
-from dicom_node.queue import Queue
-from dicom_node.spool import Spool
+from dicom_node.queue import Queue, QueueUnavailable
+from dicom_node.spool import SAFE_NAME, Spool
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
@@ -98,15 +97,13 @@ class Receiver:
             RECEIVED.labels("out_of_resources").inc()
             log("refused: disk below watermark", 30, uid=uid, calling_ae=calling, free_mb=round(free_mb))
             return OUT_OF_RESOURCES, None, "refused: disk below watermark"
-        try:
-            path = self.spool.input_path(uid)
-        except ValueError:
+        if not SAFE_NAME.match(uid):  # it names the instance's file or key
             RECEIVED.labels("bad_uid").inc()
             log("refused: unusable SOP Instance UID", 30, calling_ae=calling, uid=uid[:80])
             return CANNOT_UNDERSTAND, None, "refused: unusable SOP Instance UID"
         try:
             known = self.queue.known(uid)
-        except sqlite3.Error as error:
+        except QueueUnavailable as error:
             return self._queue_failed(uid, calling, None, error)
         if known:
             RECEIVED.labels("duplicate").inc()
@@ -123,17 +120,14 @@ class Receiver:
             RECEIVED.labels("invalid").inc()
             log("refused: " + problem[1], 30, uid=uid, calling_ae=calling, status=f"0x{problem[0]:04X}")
             return problem[0], ds, "refused: " + problem[1]
+        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         try:
-            Spool.commit(received, path)
+            self.queue.accept(received, uid, study, series, str(event.request.AffectedSOPClassUID), calling)
         except OSError as error:  # disk full between the watermark check and the write
             RECEIVED.labels("out_of_resources").inc()
             log("refused: spool write failed", 40, uid=uid, calling_ae=calling, error=error.strerror)
             return OUT_OF_RESOURCES, ds, "refused: spool write failed"
-        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-        try:
-            self.queue.record_received(uid, study, series, str(event.request.AffectedSOPClassUID), calling, path)
-        except sqlite3.Error as error:
-            path.unlink(missing_ok=True)  # not recorded, so not accepted: the sender sends it again
+        except QueueUnavailable as error:  # not recorded, so not accepted: the sender sends it again
             return self._queue_failed(uid, calling, ds, error)
         RECEIVED.labels("accepted").inc()
         log("instance received", uid=uid, study_uid=study, calling_ae=calling)
@@ -141,7 +135,7 @@ class Receiver:
 
     @staticmethod
     def _queue_failed(uid: str, calling: str, ds, error: Exception) -> tuple[int, object, str]:
-        """The queue cannot be read or written (locked past its timeout, I/O error): nothing is
+        """The queue cannot be read or written (locked past its timeout, I/O error, database down): nothing is
         acknowledged that is not recorded durably; out of resources tells the sender to try again."""
         RECEIVED.labels("out_of_resources").inc()
         log("refused: queue unavailable", 40, uid=uid, calling_ae=calling, error=str(error))

@@ -1,9 +1,9 @@
-"""Periodic jobs (APScheduler): promote stable studies, send results, refresh gauges, purge by
-retention, remove half-written files, and ping the systemd watchdog."""
+"""Periodic jobs (APScheduler): refresh gauges, remove half-written files, ping the systemd watchdog
+and, on one host (SQLite), promote stable studies, send results and purge by retention. With
+PostgreSQL those three run once per cluster as procrastinate periodic tasks (dicom_node/tasks.py)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -17,14 +17,11 @@ from dicom_node.systemd import notify, watchdog_interval
 
 
 def purge_expired(queue: Queue, retention_days: float) -> int:
-    """Delete spooled inputs whose results all left, and results delivered, older than retention."""
-    paths = queue.expired_files(time.time() - retention_days * 86400)
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
-    queue.forget_files(paths)
-    if paths:
-        log("retention purge", files=len(paths))
-    return len(paths)
+    """Delete held inputs whose results all left, and results delivered, older than retention."""
+    purged = queue.purge(time.time() - retention_days * 86400)
+    if purged:
+        log("retention purge", files=purged)
+    return purged
 
 
 def refresh_gauges(queue: Queue, spool: Spool) -> None:
@@ -36,14 +33,16 @@ def refresh_gauges(queue: Queue, spool: Spool) -> None:
     FREE_MB.set(spool.free_mb())
 
 
-def start_scheduler(config: Config, queue: Queue, spool: Spool, sender: Sender) -> BackgroundScheduler:
+def start_scheduler(config: Config, queue: Queue, spool: Spool, sender: Sender | None = None) -> BackgroundScheduler:
+    """Node-local timers; with `sender` (the single-host engine) also promotion, sending and purge."""
     scheduler = BackgroundScheduler()
     every = dict(trigger="interval", max_instances=1, coalesce=True)
-    scheduler.add_job(queue.promote_stable, args=[config.stable_seconds], seconds=0.5, id="promote", **every)
-    if config.destinations:
-        scheduler.add_job(sender.send_due, seconds=1, id="send", **every)
+    if sender:
+        scheduler.add_job(queue.promote_stable, args=[config.stable_seconds], seconds=0.5, id="promote", **every)
+        if config.destinations:
+            scheduler.add_job(sender.send_due, seconds=1, id="send", **every)
+        scheduler.add_job(purge_expired, args=[queue, config.retention_days], minutes=60, id="purge", **every)
     scheduler.add_job(refresh_gauges, args=[queue, spool], seconds=5, id="gauges", **every)
-    scheduler.add_job(purge_expired, args=[queue, config.retention_days], minutes=60, id="purge", **every)
     # what a crashed receiver left half written (files still being received are newer than this)
     scheduler.add_job(spool.clean_temporary, args=[2 * config.network_timeout], minutes=60, id="clean", **every)
     interval = watchdog_interval()

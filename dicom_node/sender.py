@@ -16,7 +16,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, Destination
 from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
-from dicom_node.queue import Outgoing, Queue
+from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 
 RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage)
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -88,9 +88,9 @@ class Sender:
         if not self.audit:
             return
         try:
-            header = pydicom.dcmread(outgoing.path, stop_before_pixels=True,
+            header = pydicom.dcmread(self.queue.result_file(outgoing), stop_before_pixels=True,
                                      specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
-        except (OSError, pydicom.errors.InvalidDicomError):
+        except (OSError, QueueUnavailable, pydicom.errors.InvalidDicomError):
             header = None
         sop_class = str(header.get("SOPClassUID", "")) if header is not None else ""
         self.audit.result_sent(destination, header, sop_class, outgoing.sop_uid, stored, detail)
@@ -110,10 +110,12 @@ class Sender:
         log("send failed; will retry", 30, uid=outgoing.sop_uid, destination=destination.name, error=error,
             attempt=outgoing.attempts + 1)
 
-    def send_due(self) -> int:
-        """One pass over every destination; returns how many results were stored."""
+    def send_due(self, only: str | None = None) -> int:
+        """One pass over every destination (or the one named `only`); returns how many results were stored."""
         stored = 0
         for destination in self.config.destinations:
+            if only and destination.name != only:
+                continue
             while batch := self.queue.due_results(destination.name, sr_only_with_seg=destination.sr_only_with_seg):
                 sent_now, refused = self._send_batch(destination, batch)
                 stored += sent_now
@@ -136,12 +138,14 @@ class Sender:
         stored = refused = 0
         try:
             for outgoing in batch:
-                if not Path(outgoing.path).exists():  # nothing can bring the file back: say so, do not spin
-                    self._failed(outgoing, destination, f"result file missing: {outgoing.path}", PERMANENT)
+                try:
+                    held = self.queue.result_file(outgoing)
+                except FileNotFoundError as error:  # nothing can bring the bytes back: say so, do not spin
+                    self._failed(outgoing, destination, f"result file missing: {error}", PERMANENT)
                     refused += 1
                     continue
-                try:
-                    status = assoc.send_c_store(Path(outgoing.path))  # sent as stored, not decoded
+                try:  # a spool file is sent as stored, not decoded
+                    status = assoc.send_c_store(held if isinstance(held, Path) else pydicom.dcmread(held))
                 except ValueError as error:  # no accepted presentation context: the PACS does not take this class
                     self._failed(outgoing, destination, f"not accepted by the destination: {error}", PERMANENT)
                     refused += 1

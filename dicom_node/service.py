@@ -1,6 +1,7 @@
-"""`cxr-node serve`: wire receiver, workers, scheduler and health together; stop cleanly on SIGTERM."""
+"""`cxr-node serve`: wire receiver, workers, scheduler and health together by role; stop cleanly on SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,10 +13,10 @@ import warnings
 
 from dicom_node import __version__
 from dicom_node.audit import AuditTrail
-from dicom_node.config import Config
+from dicom_node.config import Config, ConfigError
 from dicom_node.logs import log, setup_logging
 from dicom_node.outputs.identity import Algorithm
-from dicom_node.queue import Queue
+from dicom_node.queue import Queue, QueueUnavailable, open_queue
 from dicom_node.receiver import Receiver
 from dicom_node.scheduler import start_scheduler
 from dicom_node.sender import Sender
@@ -33,6 +34,7 @@ def algorithm_identity() -> Algorithm:
 
 
 HEARTBEAT_SECONDS = 5
+FOLLOWED_PARENT = "CXR_NODE_PARENT_PID"  # set for the receiver processes an `all` process starts: they stop with it
 
 
 def join(queue: Queue, role: str) -> str:
@@ -46,7 +48,8 @@ def join(queue: Queue, role: str) -> str:
 def open_state(config: Config) -> tuple[Queue, Spool]:
     os.umask(0o077)  # spool, queue and results readable by the service user only
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Queue(config.state_dir / "queue.sqlite3"), Spool(config.state_dir)
+    spool = Spool(config.state_dir)
+    return open_queue(config, spool), spool
 
 
 class ReceiverProcesses:
@@ -59,8 +62,8 @@ class ReceiverProcesses:
         self.processes = [self._spawn() for _ in range(config.receiver_processes - 1)]
         self.stopping = False
 
-    def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen(self.command)  # same working folder, stdout and stderr (the journal)
+    def _spawn(self) -> subprocess.Popen:  # same working folder, stdout and stderr (the journal)
+        return subprocess.Popen(self.command, env={**os.environ, FOLLOWED_PARENT: str(os.getpid())})
 
     def restart_dead(self) -> None:
         for index, process in enumerate(self.processes):
@@ -82,7 +85,10 @@ class ReceiverProcesses:
 
 def serve(config: Config, role: str = "all") -> int:
     """`all`: receive, analyse and send (with `receiver_processes` - 1 extra receiver processes);
-    `receiver`: only receive into the shared spool and queue (one of those extra processes)."""
+    `receiver`: only receive; `worker` (PostgreSQL only): only analyse and send, on any host."""
+    if role == "worker" and config.queue_backend != "postgresql":
+        raise ConfigError('serve --role worker: needs [queue] backend = "postgresql" (with SQLite the `all` '
+                          "process is the only worker)")
     setup_logging(config.log_level)
     # highdicom warns about odd person names by quoting the name: patient data must stay out of the
     # logs. Set once, before any thread starts (warnings.catch_warnings is not thread-safe).
@@ -94,46 +100,69 @@ def serve(config: Config, role: str = "all") -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if role == "receiver":
         return serve_receiver(config, queue, spool, audit, stop)
-    # Files half written by a crash; not the ones receiver processes are writing now.
-    removed, recovered = spool.clean_temporary(2 * config.network_timeout), queue.recover()
-    log("starting", config=config.source, state_dir=str(config.state_dir), recovered_jobs=recovered,
-        removed_partial_files=removed, destinations=[d.name for d in config.destinations] or "results_dir")
+    cluster = config.queue_backend == "postgresql"  # jobs run by procrastinate, the cluster's periodic work too
+    # Files half written by a crash; not the ones receiver processes are writing now. On one host, the
+    # jobs a crash interrupted; in a cluster, procrastinate's stalled-job retry brings those back.
+    removed = spool.clean_temporary(2 * config.network_timeout)
+    recovered = 0 if cluster else queue.recover()
+    log("starting", role=role, queue=config.queue_backend, config=config.source, state_dir=str(config.state_dir),
+        recovered_jobs=recovered, removed_partial_files=removed,
+        destinations=[d.name for d in config.destinations] or "results_dir")
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
     algorithm = algorithm_identity()
     audit.application(started=True)
-    process_id = join(queue, "all")
+    process_id = join(queue, role)
     worker = Worker(config, queue, spool, pipeline, algorithm, process_id)
-    workers = [threading.Thread(target=worker.run, args=(stop,), name=f"worker-{i}") for i in range(config.workers)]
+    sender = Sender(config, queue, audit)
+    if cluster:
+        from dicom_node.tasks import build_app, run_engines
+        workers = [threading.Thread(target=run_engines, name="jobs",
+                                    args=(build_app(config, queue, worker, sender), config, process_id, stop))]
+    else:
+        workers = [threading.Thread(target=worker.run, args=(stop,), name=f"worker-{i}") for i in range(config.workers)]
     for thread in workers:
         thread.start()
-    receiver = Receiver(config, queue, spool, audit)
-    receiver.start()
-    receivers = ReceiverProcesses(config)
-    scheduler = start_scheduler(config, queue, spool, Sender(config, queue, audit))
-    scheduler.add_job(receivers.restart_dead, trigger="interval", seconds=2, max_instances=1, coalesce=True)
-    scheduler.add_job(queue.heartbeat, args=[process_id], trigger="interval", seconds=HEARTBEAT_SECONDS,
+    receiver = Receiver(config, queue, spool, audit) if role == "all" else None
+    if receiver:
+        receiver.start()
+    receivers = ReceiverProcesses(config) if role == "all" else None
+    scheduler = start_scheduler(config, queue, spool, None if cluster else sender)
+    if receivers:
+        scheduler.add_job(receivers.restart_dead, trigger="interval", seconds=2, max_instances=1, coalesce=True)
+    scheduler.add_job(heartbeat, args=[queue, process_id], trigger="interval", seconds=HEARTBEAT_SECONDS,
                       max_instances=1, coalesce=True)
     health = None
     if config.health_port:
         from dicom_node.health import start_health_server
         health = start_health_server(config, queue, spool)
     notify("READY=1")
-    log("ready", model=algorithm.version, onnx_providers=choose_providers(list(config.providers)))
+    log("ready", role=role, model=algorithm.version, onnx_providers=choose_providers(list(config.providers)))
     stop.wait()
     notify("STOPPING=1")
     log("stopping: no new associations, finishing the current jobs")
-    receivers.stop()
-    receiver.stop()
+    if receivers:
+        receivers.stop()
+    if receiver:
+        receiver.stop()
     scheduler.shutdown(wait=True)
     for thread in workers:
-        thread.join(timeout=60)
+        thread.join(timeout=90)
     if health:
         health.shutdown()
-    queue.unregister(process_id)
+    with contextlib.suppress(QueueUnavailable):
+        queue.unregister(process_id)
     queue.close()
     audit.application(started=False)
     log("stopped")
     return 0
+
+
+def heartbeat(queue: Queue, process_id: str) -> None:
+    """This process is alive (`cxr-node status`); a database outage only delays it."""
+    try:
+        queue.heartbeat(process_id)
+    except QueueUnavailable as error:
+        log("heartbeat not recorded: queue unavailable", 30, error=str(error)[:200])
 
 
 def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail, stop: threading.Event) -> int:
@@ -141,19 +170,21 @@ def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail
     audit.application(started=True)
     receiver = Receiver(config, queue, spool, audit)
     receiver.start()
-    process_id, parent = join(queue, "receiver"), os.getppid()
+    process_id = join(queue, "receiver")
+    parent = os.environ.get(FOLLOWED_PARENT)
 
     def heartbeat_and_watch_parent():  # the `all` process that started this one was killed (kill -9): follow it
         while not stop.wait(HEARTBEAT_SECONDS):
-            queue.heartbeat(process_id)
-            if os.getppid() != parent:
+            heartbeat(queue, process_id)
+            if parent and str(os.getppid()) != parent:
                 log("the node that started this receiver is gone; stopping", 30)
                 stop.set()
     threading.Thread(target=heartbeat_and_watch_parent, name="heartbeat", daemon=True).start()
     log("ready", role="receiver")
     stop.wait()
     receiver.stop()
-    queue.unregister(process_id)
+    with contextlib.suppress(QueueUnavailable):
+        queue.unregister(process_id)
     queue.close()
     audit.application(started=False)
     log("stopped", role="receiver")

@@ -1,10 +1,9 @@
-"""Queued instance -> filter -> pixels -> models -> SEG + SR, durably written and queued for sending."""
+"""Claimed instance -> filter -> pixels -> models -> SEG + SR, durably held and queued for sending."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import io
-import sqlite3
 import threading
 import time
 from datetime import datetime
@@ -21,7 +20,7 @@ from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
-from dicom_node.queue import Job, Queue, State
+from dicom_node.queue import Job, Queue, QueueUnavailable, State
 from dicom_node.spool import Spool
 from model.infer import Pipeline
 
@@ -33,7 +32,7 @@ def encode(ds: pydicom.Dataset) -> bytes:
 
 
 class Worker:
-    """Stateless between jobs: worker threads share one."""
+    """Stateless between jobs: worker threads (or the job engine's threads) share one."""
 
     def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Pipeline, algorithm: Algorithm,
                  process_id: str | None = None):
@@ -42,11 +41,14 @@ class Worker:
         self.process_id = process_id  # recorded on the jobs it claims (`cxr-node status`: jobs in flight)
 
     def process(self, job: Job) -> State:
-        """Finish one claimed job; returns its final state. Never raises: a failure is recorded."""
+        """Finish one claimed job; returns its final state. A failure of the image is recorded; only
+        QueueUnavailable is raised (the outcome cannot be recorded: the job is to be run again)."""
         uid = job.sop_uid
         started = time.perf_counter()
         try:
             state = self._process(job)
+        except QueueUnavailable:
+            raise
         except UnusableImage as error:
             state = State.FAILED
             self.queue.fail(uid, f"unusable image: {error}")
@@ -68,7 +70,7 @@ class Worker:
     def _process(self, job: Job) -> State:
         uid = job.sop_uid
         analysis_started = datetime.now().astimezone()
-        ds = pydicom.dcmread(job.path)
+        ds = pydicom.dcmread(self.queue.input_file(job))
         decision = chest_filter.by_tags(ds)
         if decision.frontal_chest is False:
             return self._skip(uid, decision)
@@ -84,19 +86,10 @@ class Worker:
         if self.config.secondary_capture:
             shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
             outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, analysis_started)))
-        results = []
-        for kind, result in outputs:
-            if self.destinations:
-                path = self.spool.result_path(result.SOPInstanceUID, kind)
-            else:  # no PACS configured: the results folder is the delivery
-                folder = self.config.results_dir / source.StudyInstanceUID
-                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                path = folder / Spool.file_name(result.SOPInstanceUID, kind)
-            Spool.write(path, encode(result))
-            results.append((result.SOPInstanceUID, kind, path))
+        results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
                 f"{ds.get('PhotometricInterpretation', '')}") if seg.inverted else None
-        self.queue.complete(uid, results, self.destinations, decision.decided_by, seg.opacity_pct, note)
+        self.queue.complete(job, results, self.destinations, decision.decided_by, seg.opacity_pct, note)
         log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
             seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID, **({"note": note} if note else {}))
         return State.DONE
@@ -107,6 +100,7 @@ class Worker:
         return State.SKIPPED
 
     def run(self, stop: threading.Event) -> None:
+        """The single-host engine (SQLite): claim, process, repeat, until `stop`."""
         while not stop.is_set():
             if self.spool.free_mb() < self.config.min_free_mb:  # results need room too; wait for it
                 stop.wait(1)
@@ -117,10 +111,10 @@ class Worker:
                 continue
             try:
                 self.process(job)
-            except sqlite3.Error as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
+            except QueueUnavailable as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
                 log("queue write failed; the job goes back to the queue once it can be written", 40,
                     uid=job.sop_uid, error=str(error))
                 while not stop.wait(1):
-                    with contextlib.suppress(sqlite3.Error):
+                    with contextlib.suppress(QueueUnavailable):
                         self.queue.requeue(job.sop_uid, f"queue write failed: {error}")
                         break

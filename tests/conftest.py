@@ -1,6 +1,8 @@
+import itertools
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,43 @@ def _delete_tmp_path_of_passed_tests(request):
     report = getattr(request.node, "report_call", None)
     if folder is not None and report is not None and report.passed:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    """One PostgreSQL server (Debian's, as a plain process) for the session; tests make their own databases."""
+    from tests.harness import PostgreSQL
+
+    server = PostgreSQL(Path(tempfile.mkdtemp(prefix="cxr-pg-"))).start()  # not under pytest's root-only tmp
+    yield server
+    server.stop()
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+DATABASES = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_queue(request, tmp_path):
+    """Opens the queue of the backend under test: the same queue each call (as a restarted process
+    would), empty at the start of the test; SQLite keeps its bytes in a spool under tmp_path."""
+    from dicom_node.queue import SQLiteQueue
+    from dicom_node.spool import Spool
+
+    opened = []
+    if request.param == "postgresql":
+        from dicom_node.queue.postgresql import PostgresQueue
+
+        dsn = request.getfixturevalue("postgresql").create_database(f"queue_{os.getpid()}_{next(DATABASES)}")
+
+        def make():
+            opened.append(PostgresQueue(dsn, tmp_path / "results"))
+            return opened[-1]
+    else:
+        def make():
+            opened.append(SQLiteQueue(tmp_path / "q.sqlite3", Spool(tmp_path / "state"), tmp_path / "results"))
+            return opened[-1]
+    make.backend = request.param
+    yield make
+    for queue in opened:
+        queue.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -107,8 +108,9 @@ class Orthanc:
 class Node:
     """cxr-node serve with a site configuration written for the test."""
 
-    def __init__(self, folder: Path, destinations=(), **settings):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, destinations=(), role: str = "all", **settings):
+        """`role`: serve --role; `settings`: {section: {key: value}} of the site file."""
+        self.folder, self.role = Path(folder), role
         self.port, self.health_port = free_port(), free_port()
         self.settings = settings
         self.destinations = destinations
@@ -126,7 +128,8 @@ class Node:
         for section, values in (("node", node), ("storage", storage), ("processing", processing),
                                 ("retry", {"initial_seconds": 0.5, "max_seconds": 2}),
                                 ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {})),
-                                ("outputs", self.settings.get("outputs", {})), ("audit", self.settings.get("audit", {}))):
+                                ("outputs", self.settings.get("outputs", {})), ("audit", self.settings.get("audit", {})),
+                                ("queue", self.settings.get("queue", {}))):
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for name, orthanc, *options in self.destinations:  # options: {key: value} of the destination
@@ -140,15 +143,16 @@ class Node:
         self.write_config()
         self.log_path = self.folder / "node.log"
         offset = len(self.log())  # a restart appends to the same log
-        self.process = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+        self.process = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--role", self.role,
+                                         "--config", str(self.config_path)],
                                         cwd=REPO, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self._main_ready(offset) or self.process.poll() is not None, 120, what="node ready")
+        wait_for(lambda: self._ready(offset) or self.process.poll() is not None, 120, what="node ready")
         assert self.process.poll() is None, self.log()[-3000:]
         return self
 
-    def _main_ready(self, offset: int) -> bool:
-        """The node (not one of its extra receiver processes) said it is ready."""
-        return any('"event": "ready"' in line and '"role": "receiver"' not in line
+    def _ready(self, offset: int) -> bool:
+        """The process started (not one of the extra receiver processes an `all` starts) said it is ready."""
+        return any('"event": "ready"' in line and f'"role": "{self.role}"' in line
                    for line in self.log()[offset:].splitlines())
 
     def log(self) -> str:
@@ -255,3 +259,58 @@ def chest_copies(sources, count: int, folder: Path, per_study: int = 4, size: in
         files.append(folder / f"{index:04d}.dcm")
         ds.save_as(files[-1], enforce_file_format=True)
     return files
+
+
+class PostgreSQL:
+    """Debian's PostgreSQL as a plain process: initdb and pg_ctl as the `postgres` user (when run as
+    root) in a temporary folder, listening on 127.0.0.1 at a free port, stopped by its PID."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.bin = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent
+        self.as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
+
+    def _run(self, *command: str, **options) -> subprocess.CompletedProcess:
+        prefix = ["runuser", "-u", "postgres", "--"] if self.as_postgres else []
+        return subprocess.run([*prefix, *command], capture_output=True, text=True, check=True, **options)
+
+    def start(self) -> "PostgreSQL":
+        if not self.data.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.as_postgres:
+                shutil.chown(self.folder, "postgres", "postgres")
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
+                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1", "start", timeout=60)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT to the postmaster: sessions are ended, nothing committed is lost)."""
+        pid = self.pid
+        os.kill(pid, signal.SIGINT)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+                 60, what="PostgreSQL to stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        self._run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q",
+                  "-c", f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+    def query(self, database: str, sql: str) -> list[list[str]]:
+        """Rows of `sql` as text (psql -At), for tests that look into the database directly."""
+        out = self._run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d",
+                        database, "-At", "-F", "\t", "-c", sql).stdout
+        return [line.split("\t") for line in out.splitlines()]

@@ -3,13 +3,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from dicom_node.config import ConfigError, load_config
-from dicom_node.queue import Queue, State
+from dicom_node.queue import SQLiteQueue as Queue, State
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,27 +54,41 @@ def test_cli_exits_2_on_a_bad_configuration(tmp_path):
     assert result.returncode == 2 and "node.port" in result.stderr
 
 
-def test_interrupted_jobs_are_recovered_and_results_not_duplicated(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
-    assert queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
-    assert not queue.record_received("1.2.3", "9", "8", "1.2.840.10008.5.1.4.1.1.1", "AE", tmp_path / "a.dcm")
+def received(queue, tmp_path, uid="1.2.3", study="9") -> bool:
+    """Accept a small file as instance `uid`, as the receiver does."""
+    incoming = tmp_path / f"incoming-{uid}"
+    incoming.write_bytes(b"DICM" + uid.encode())
+    return queue.accept(incoming, uid, study, "8", "1.2.840.10008.5.1.4.1.1.1", "AE")
+
+
+def held_bytes(source) -> bytes:
+    """What a queue's input_file or result_file holds (a spool path, or a file object)."""
+    return source.read() if hasattr(source, "read") else Path(source).read_bytes()
+
+
+def test_interrupted_jobs_are_recovered_and_results_not_duplicated(make_queue, tmp_path):
+    queue = make_queue()
+    assert received(queue, tmp_path)
+    assert not received(queue, tmp_path)  # a duplicate: recorded once
     assert queue.promote_stable(0) == 1
     assert queue.claim_next().sop_uid == "1.2.3"
     queue.close()
-    queue = Queue(tmp_path / "q.sqlite3")  # as after kill -9 during processing
+    queue = make_queue()  # as after kill -9 during processing
     assert queue.recover() == 1
     job = queue.claim_next()
     assert job.state == State.PROCESSING and job.attempts == 2  # this claim is the second attempt
-    results = [("2.25.1", "SEG", tmp_path / "s.dcm"), ("2.25.2", "SR", tmp_path / "r.dcm")]
-    queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)
-    queue.complete("1.2.3", results, ["pacs"], "tags", 12.5)  # reprocessing gives the same result UIDs
+    assert held_bytes(queue.input_file(job)) == b"DICM1.2.3"
+    results = [("2.25.1", "SEG", b"seg"), ("2.25.2", "SR", b"sr")]
+    queue.complete(job, results, ["pacs"], "tags", 12.5)
+    queue.complete(job, results, ["pacs"], "tags", 12.5)  # reprocessing gives the same result UIDs
     assert queue.counts()["results"]["pending"] == 2
+    assert queue.start("1.2.3", "h:1:1") is None  # a re-delivered job of a finished instance does nothing
 
 
-def test_failed_sends_back_off_and_are_never_dropped(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
-    queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm")
-    queue.complete("1.2.3", [("2.25.1", "SEG", tmp_path / "s.dcm")], ["pacs"], "tags", 1.0)
+def test_failed_sends_back_off_and_are_never_dropped(make_queue, tmp_path):
+    queue = make_queue()
+    received(queue, tmp_path)
+    queue.complete(queue.instance("1.2.3"), [("2.25.1", "SEG", b"seg")], ["pacs"], "tags", 1.0)
     delays = []
     for _ in range(6):
         queue.mark_send_failed("2.25.1", "pacs", "refused", initial=1, maximum=8)
@@ -81,16 +96,46 @@ def test_failed_sends_back_off_and_are_never_dropped(tmp_path):
         delays.append(round(row["next_attempt_at"] - time.time()))
     assert delays == [1, 2, 4, 8, 8, 8]
     assert row["state"] == "pending" and row["last_error"] == "refused"
-    assert queue.due_results("pacs") == []  # waiting for its backoff
+    assert queue.due_results("pacs") == [] and queue.destinations_due() == []  # waiting for its backoff
     queue.mark_sent("2.25.1", "pacs")
     assert queue.counts()["results"]["sent"] == 1
 
 
+def test_retention_purges_the_bytes_of_finished_work_only(make_queue, tmp_path):
+    queue = make_queue()
+    for uid in ("1.1", "1.2"):
+        received(queue, tmp_path, uid)
+        queue.promote_stable(0)
+        job = queue.start(uid, None)
+        queue.complete(job, [(f"2.25.{uid}", "SEG", b"seg")], ["pacs"], "tags", 1.0)
+    queue.mark_sent("2.25.1.1", "pacs")
+    assert queue.purge(older_than=time.time() + 1) == 2  # 1.1's input and its sent SEG; 1.2 still sending
+    with pytest.raises(FileNotFoundError):
+        queue.input_file(queue.instance("1.1"))
+    assert held_bytes(queue.input_file(queue.instance("1.2"))) == b"DICM1.2"
+    assert held_bytes(queue.result_file(queue.due_results("pacs")[0])) == b"seg"
+    assert queue.purge(older_than=time.time() + 1) == 0
+
+
+def test_the_outbox_queues_an_instance_only_after_its_job_is_deferred(make_queue, tmp_path):
+    queue = make_queue()
+    received(queue, tmp_path)
+
+    def engine_down(uids):
+        raise RuntimeError("no job deferred")
+    with pytest.raises(RuntimeError):
+        queue.promote_stable(0, enqueue=engine_down)
+    assert queue.instance("1.2.3").state == State.RECEIVED  # promoted again on the next tick
+    deferred = []
+    assert queue.promote_stable(0, enqueue=deferred.extend) == 1
+    assert deferred == ["1.2.3"] and queue.instance("1.2.3").state == State.QUEUED
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_systemd_unit_verifies(tmp_path):
-    unit = (REPO / "systemd" / "cxr-node.service").read_text()
+    unit = (REPO / "systemd" / "cxr-node@.service").read_text()
     executable = Path(sys.executable).with_name("cxr-node")
-    copy = tmp_path / "cxr-node.service"  # verify checks that ExecStart exists: point it at this install
+    copy = tmp_path / "cxr-node@worker.service"  # verify checks that ExecStart exists: point it at this install
     copy.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(executable)))
     result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
@@ -156,7 +201,7 @@ def pydicom_valid(uid: str) -> bool:
 def test_an_old_queue_is_migrated_and_a_newer_one_refused(tmp_path):
     import sqlite3
 
-    from dicom_node.queue import SCHEMA_VERSION
+    from dicom_node.queue.sqlite import SCHEMA_VERSION
     old = sqlite3.connect(tmp_path / "q.sqlite3")  # the 0.3.0 schema: no version, no claimed_by
     old.executescript("CREATE TABLE instances (sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT,"
                       " sop_class_uid TEXT, calling_ae TEXT, path TEXT, state TEXT NOT NULL, reason TEXT,"
@@ -181,8 +226,8 @@ def test_an_old_queue_is_migrated_and_a_newer_one_refused(tmp_path):
     assert result.returncode == 2 and "newer than this cxr-node" in result.stderr
 
 
-def test_status_lists_the_processes_and_the_jobs_they_hold(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
+def test_status_lists_the_processes_and_the_jobs_they_hold(make_queue, tmp_path):
+    queue = make_queue()
     queue.register("h:10:1", "h", 10, "all", "0.4.0")
     queue.register("h:11:1", "h", 11, "receiver", "0.4.0")
     queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm", state="queued")
@@ -212,7 +257,7 @@ def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_
                                         'min_free_mb = 0\n')
     config = load_config(tmp_path / "node.toml")
     spool = Spool(config.state_dir)
-    queue = Queue(config.state_dir / "queue.sqlite3", busy_timeout=0.2)
+    queue = Queue(config.state_dir / "queue.sqlite3", spool, busy_timeout=0.2)
     receiver = Receiver(config, queue, spool)
     receiver.start()
     ds = pydicom.dcmread(dicom_dir / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
@@ -231,6 +276,64 @@ def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_
         assoc.release()
         blocker.close()
         receiver.stop()
+
+
+def test_a_receiver_answers_out_of_resources_while_postgresql_is_down(tmp_path, dicom_dir):
+    """PostgreSQL stopped: the C-STORE gets 0xA700 (nothing acknowledged that is not committed) and no
+    file is left behind; once it is back, the same receiver (its pool reconnects) accepts the retry."""
+    import pydicom
+    from pynetdicom import AE
+
+    from dicom_node.queue.postgresql import PostgresQueue
+    from dicom_node.receiver import Receiver
+    from dicom_node.spool import Spool
+    from tests.harness import PostgreSQL, free_port, wait_for
+
+    server = PostgreSQL(Path(tempfile.mkdtemp(prefix="cxr-pg-"))).start()  # its own: this test stops it
+    port = free_port()
+    (tmp_path / "node.toml").write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n'
+                                        f'min_free_mb = 0\n[queue]\nbackend = "postgresql"\ndsn = "{server.dsn()}"\n')
+    config = load_config(tmp_path / "node.toml")
+    spool = Spool(config.state_dir)
+    queue = PostgresQueue(config.queue_dsn, timeout=1)
+    receiver = Receiver(config, queue, spool)
+    receiver.start()
+    ds = pydicom.dcmread(dicom_dir / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=config.ae_title)
+    try:
+        server.stop()
+        assert assoc.send_c_store(ds).Status == 0xA700
+        assert list(spool.incoming.iterdir()) == []
+        server.start()
+        wait_for(lambda: assoc.send_c_store(ds).Status == 0x0000, 60, 1, "the sender's retry to be accepted")
+        assert queue.known(ds.SOPInstanceUID)
+        assert pydicom.dcmread(queue.input_file(queue.instance(ds.SOPInstanceUID))).SOPInstanceUID == ds.SOPInstanceUID
+        assert list(spool.incoming.iterdir()) == []  # the bytes live in PostgreSQL only
+    finally:
+        assoc.release()
+        receiver.stop()
+        queue.close()
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def test_a_postgresql_queue_of_a_newer_schema_is_refused(postgresql):
+    from dicom_node.queue import SchemaTooNew
+    from dicom_node.queue.postgresql import SCHEMA_VERSION, PostgresQueue
+
+    dsn = postgresql.create_database("newer_schema")
+    PostgresQueue(dsn).close()
+    postgresql.query("newer_schema", f"UPDATE cxr_node_schema SET version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match="newer than this cxr-node"):
+        PostgresQueue(dsn)
+
+
+def test_worker_role_needs_postgresql(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "worker"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and 'backend = "postgresql"' in result.stderr
 
 
 def test_audit_messages_reach_a_tcp_syslog_collector_with_octet_counting(tmp_path):

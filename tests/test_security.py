@@ -135,13 +135,13 @@ def test_spool_queue_and_results_are_readable_by_the_service_user_only(tls_node,
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_systemd_sandbox_exposure_is_low(tmp_path, record):
-    unit = (REPO / "systemd" / "cxr-node.service").read_text()
-    copy = tmp_path / "cxr-node.service"
+    unit = (REPO / "systemd" / "cxr-node@.service").read_text()
+    copy = tmp_path / "cxr-node@worker.service"
     copy.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(Path(sys.executable).with_name("cxr-node"))))
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(copy)],
                             capture_output=True, text=True, env={**os.environ, "SYSTEMD_COLORS": "0"})
     score = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", result.stdout + result.stderr)
     assert score, result.stdout[-1000:] + result.stderr[-1000:]
-    record("security", case="systemd-analyze security (offline) of systemd/cxr-node.service",
+    record("security", case="systemd-analyze security (offline) of systemd/cxr-node@.service (instance worker)",
            expected="exposure <= 2.0 (OK)", observed=f"{score.group(1)} {score.group(2)}", ok=float(score.group(1)) <= 2.0)
     assert float(score.group(1)) <= 2.0

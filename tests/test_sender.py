@@ -13,7 +13,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicom_node.config import load_config
-from dicom_node.queue import Queue
+from dicom_node.queue import Queue, SQLiteQueue
+from dicom_node.spool import Spool
 from dicom_node.sender import PERMANENT, STORED, TRANSIENT, WARNING, Sender, status_class
 from tests.harness import free_port
 
@@ -65,10 +66,11 @@ def setup(tmp_path, pacs, **destination) -> tuple[Queue, Sender]:
         f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[retry]\ninitial_seconds = 0.2\nmax_seconds = 0.4\n'
         f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n{extra}')
     config = load_config(tmp_path / "node.toml")
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SQLiteQueue(tmp_path / "queue.sqlite3", Spool(tmp_path / "state"))
     queue.record_received(SOURCE, "1.2", "1.3", "cr", "MODALITY", tmp_path / "in.dcm")
-    queue.complete(SOURCE, [("2.25.1", "SEG", result_file(tmp_path, "2.25.1", SegmentationStorage)),
-                            ("2.25.2", "SR", result_file(tmp_path, "2.25.2", Comprehensive3DSRStorage))],
+    queue.complete(queue.instance(SOURCE),
+                   [("2.25.1", "SEG", result_file(tmp_path, "2.25.1", SegmentationStorage).read_bytes()),
+                    ("2.25.2", "SR", result_file(tmp_path, "2.25.2", Comprehensive3DSRStorage).read_bytes())],
                    ["pacs"], "tags", 1.0)
     return queue, Sender(config, queue)
 
@@ -180,7 +182,7 @@ def test_a_pacs_that_takes_only_implicit_vr_gets_the_results_converted(tmp_path)
 
 def test_a_result_whose_file_is_gone_is_refused_not_retried_for_ever(tmp_path, pacs):
     queue, sender = setup(tmp_path, pacs)
-    (tmp_path / "2.25.1.dcm").unlink()
+    Path(state(queue, "2.25.1")["path"]).unlink()
     send_until_quiet(sender, 0.5)
     row = state(queue, "2.25.1")
     assert row["state"] == "failed" and "result file missing" in row["last_error"]

@@ -1,202 +1,138 @@
-"""Job states in SQLite (WAL, synchronous=FULL): the only place that knows them.
+"""The queue's states and transitions, written once in SQL both backends run (SQLite, PostgreSQL).
 
 instances: received -> queued (study stable) -> processing -> done | skipped | failed
 results:   one row per (result object, destination): pending -> sent (also when stored with a
            warning) | failed (a permanent refusal, kept with its reason until `retry`);
            'written' when no destination is configured (the file in results_dir is the delivery).
-Every transition is one committed transaction, so a crash at any point leaves a state to resume
-from: `recover` puts interrupted 'processing' jobs back in the queue at start-up.
+Every transition is one committed transaction, and bytes (the received instance, a result) are
+durable before the row that points at them, so a crash at any point leaves a state to resume from.
+A backend supplies transactions, `accept` and where bytes are held (`_hold_result`, `_open`, `_delete`).
 """
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
-from dataclasses import dataclass, fields
-from enum import StrEnum
 from pathlib import Path
+from typing import Callable
 
-# PRAGMA user_version. 1: instances and results; 2: the processes table and who claimed a job.
-SCHEMA_VERSION = 2
-SCHEMA = """
+from dicom_node.queue.jobs import NO_DESTINATION, Delivery, Job, Outgoing, State, from_row
+from dicom_node.spool import Spool
+
+# Tables both backends create (column types both accept); a backend adds its own.
+TABLES = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT, sop_class_uid TEXT, calling_ae TEXT,
-    path TEXT, state TEXT NOT NULL, reason TEXT, decided_by TEXT, opacity_pct REAL,
-    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL, claimed_by TEXT);
+    path TEXT, state TEXT NOT NULL, reason TEXT, decided_by TEXT, opacity_pct DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 0, received_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL, claimed_by TEXT);
 CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS results (
     sop_uid TEXT NOT NULL, destination TEXT NOT NULL, source_sop_uid TEXT NOT NULL, kind TEXT NOT NULL,
-    path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL,
-    last_error TEXT, created_at REAL NOT NULL, sent_at REAL, PRIMARY KEY (sop_uid, destination));
+    path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at DOUBLE PRECISION,
+    last_error TEXT, created_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION, PRIMARY KEY (sop_uid, destination));
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS processes (
     process_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, role TEXT NOT NULL,
-    version TEXT NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL);
+    version TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL);
 """
-MIGRATIONS = {  # version reached -> statements that bring the version before it there
-    2: "ALTER TABLE instances ADD COLUMN claimed_by TEXT;",
-}
-
-
-class SchemaTooNew(RuntimeError):
-    """The queue was written by a newer cxr-node: refusing it keeps this one from misreading it."""
-NO_DESTINATION = ""
-
-
-class State(StrEnum):
-    """Where a received instance is (a str, so it is stored and compared as one)."""
-    RECEIVED = "received"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-class Delivery(StrEnum):
-    """Where one result is on its way to one destination."""
-    PENDING = "pending"
-    SENT = "sent"
-    WRITTEN = "written"
-    FAILED = "failed"
-
-
-def _from_row(cls, row: dict):
-    """A Job or Outgoing from a table row (the columns it has fields for)."""
-    return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
-
-
-@dataclass(frozen=True)
-class Job:
-    """A received instance: what the worker claims and `cxr-node status --uid` shows."""
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    sop_class_uid: str
-    calling_ae: str
-    path: str
-    state: State
-    attempts: int
-    received_at: float
-    updated_at: float
-    reason: str | None = None
-    decided_by: str | None = None
-    opacity_pct: float | None = None
-    claimed_by: str | None = None  # the process working on it (host:pid:start)
-
-    def __post_init__(self):
-        object.__setattr__(self, "state", State(self.state))  # the column holds its value
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One result for one destination: what the sender sends."""
-    sop_uid: str
-    destination: str
-    source_sop_uid: str
-    kind: str
-    path: str
-    state: Delivery
-    attempts: int
-    created_at: float
-    next_attempt_at: float | None = None
-    last_error: str | None = None
-    sent_at: float | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "state", Delivery(self.state))  # the column holds its value
 
 
 class Queue:
-    def __init__(self, path: Path, busy_timeout: float = 30):
-        """`busy_timeout`: seconds to wait for another process's write lock before sqlite3.Error."""
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=busy_timeout)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the sender hears 0x0000
-        self._migrate()
-        self.path.chmod(0o600)
+    """Shared by both backends; `results_dir` is where results go when no destination is configured."""
 
-    def _migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION (a new file is created at it); refuse a newer one."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see the version
-            try:
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise SchemaTooNew(f"{self.path}: queue schema version {version} is newer than this cxr-node's "
-                                       f"({SCHEMA_VERSION}); run the newer cxr-node or restore a backup")
-                fresh = not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'instances'").fetchone()
-                if not fresh:
-                    for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-                        for statement in filter(str.strip, MIGRATIONS[target].split(";")):
-                            self._db.execute(statement)
-                for statement in filter(str.strip, SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    def __init__(self, results_dir: Path | None = None):
+        self.results_dir = results_dir
 
-    def _transaction(self, statements):
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = statements(self._db)
-                self._db.execute("COMMIT")
-                return result
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    # ------------------------------------------------------------ what a backend provides
+    def _transaction(self, statements: Callable):
+        """Run statements(db) in one transaction (db.execute(sql, args) with ? placeholders); raises
+        QueueUnavailable when the database cannot be reached or written."""
+        raise NotImplementedError
 
-    def _query(self, sql, args=()):
-        with self._lock:
-            return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+    def _query(self, sql: str, args=()) -> list[dict]:
+        raise NotImplementedError
+
+    def _hold_result(self, sop_uid: str, kind: str, data: bytes) -> str:
+        """Keep a result's bytes durably until sent; returns where."""
+        raise NotImplementedError
+
+    def _open(self, path: str):
+        """A path or file object pydicom reads; FileNotFoundError when the bytes are gone."""
+        raise NotImplementedError
+
+    def _delete(self, paths: list[str]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------ receive side
     def known(self, sop_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
+    def accept(self, received: Path, sop_uid, study_uid, series_uid, sop_class_uid, calling_ae) -> bool:
+        """Keep a received file's bytes and record it as one instance, durably; False if the UID was
+        already known. Raises OSError (bytes not kept) or QueueUnavailable (not recorded): either way
+        nothing was accepted."""
+        raise NotImplementedError
+
     def record_received(self, sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path,
                         state="received", reason=None) -> bool:
-        """Record a spooled instance; False if the SOP Instance UID was already known."""
+        """Record an instance whose bytes are held at `path`; False if the SOP Instance UID was already known."""
         now = time.time()
         return self._transaction(lambda db: db.execute(
-            "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path,"
-            " state, reason, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path, state, reason,"
+            " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, str(path), state, reason, now, now)
         ).rowcount == 1)
 
-    def promote_stable(self, stable_seconds: float) -> int:
-        """received -> queued for studies that got no new instance for `stable_seconds`."""
+    def promote_stable(self, stable_seconds: float, enqueue: Callable[[list[str]], None] | None = None) -> int:
+        """received -> queued for studies that got no new instance for `stable_seconds`. With a job
+        engine, `enqueue` is given their UIDs first: an instance is 'queued' only once its job exists,
+        and a crash in between promotes it again (the engine's queueing lock keeps it one job)."""
         now = time.time()
-        return self._transaction(lambda db: db.execute(
-            "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'received' AND study_uid IN"
-            " (SELECT study_uid FROM instances GROUP BY study_uid HAVING MAX(received_at) <= ?)",
-            (now, now - stable_seconds)).rowcount)
+        stable = ("state = 'received' AND study_uid IN (SELECT study_uid FROM instances GROUP BY study_uid"
+                  " HAVING MAX(received_at) <= ?)")
+        if enqueue is None:
+            return self._transaction(lambda db: db.execute(
+                f"UPDATE instances SET state = 'queued', updated_at = ? WHERE {stable}",
+                (now, now - stable_seconds)).rowcount)
+        uids = [row["sop_uid"] for row in self._query(f"SELECT sop_uid FROM instances WHERE {stable}"
+                                                      " ORDER BY received_at LIMIT 1000", (now - stable_seconds,))]
+        if uids:
+            enqueue(uids)
+            self._transaction(lambda db: [db.execute("UPDATE instances SET state = 'queued', updated_at = ?"
+                                                     " WHERE sop_uid = ? AND state = 'received'", (now, uid))
+                                          for uid in uids])
+        return len(uids)
 
     # ------------------------------------------------------------ worker side
     def recover(self) -> int:
-        """Jobs interrupted by a crash go back to the queue."""
+        """Jobs interrupted by a crash go back to the queue (the single-host engine; with a job engine,
+        its stalled-job retry does this)."""
         return self._transaction(lambda db: db.execute(
             "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'processing'",
             (time.time(),)).rowcount)
 
     def claim_next(self, process_id: str | None = None) -> Job | None:
         """The oldest queued job, now 'processing' and claimed by `process_id`."""
-        def claim(db):
-            row = db.execute("SELECT * FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1").fetchone()
-            if row is None:
-                return None
-            now = time.time()
-            db.execute("UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?,"
-                       " claimed_by = ? WHERE sop_uid = ?", (now, process_id, row["sop_uid"]))
-            return _from_row(Job, dict(row, state=State.PROCESSING, attempts=row["attempts"] + 1, updated_at=now))
-        return self._transaction(claim)
+        rows = self._query("SELECT sop_uid FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1")
+        return self.start(rows[0]["sop_uid"], process_id, from_states=(State.QUEUED,)) if rows else None
+
+    def start(self, sop_uid: str, process_id: str | None,
+              from_states=(State.QUEUED, State.PROCESSING)) -> Job | None:
+        """The instance, now 'processing' and claimed by `process_id`; None if it is in no state to
+        start (done, or taken meanwhile). 'processing' is allowed for a job engine's retry of a job
+        whose worker died."""
+        allowed = ",".join(f"'{state}'" for state in from_states)
+        rows = self._transaction(lambda db: db.execute(
+            "UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?, claimed_by = ?"
+            f" WHERE sop_uid = ? AND state IN ({allowed}) RETURNING *", (time.time(), process_id, sop_uid)).fetchall())
+        return from_row(Job, dict(rows[0])) if rows else None
+
+    def input_file(self, job: Job):
+        """The received instance's bytes, as a path or file object pydicom reads."""
+        return self._open(job.path)
 
     def _finish(self, sop_uid, state, reason=None, decided_by=None, opacity_pct=None):
         return lambda db: db.execute(
@@ -209,20 +145,29 @@ class Queue:
     def fail(self, sop_uid: str, reason: str) -> None:
         self._transaction(self._finish(sop_uid, "failed", reason))
 
-    def complete(self, sop_uid: str, results: list[tuple[str, str, Path]], destinations: list[str],
+    def complete(self, job: Job, results: list[tuple[str, str, bytes]], destinations: list[str],
                  decided_by: str, opacity_pct: float, note: str | None = None) -> None:
-        """Instance done and its results (sop_uid, kind, path) queued for every destination, atomically;
+        """Instance done and its results (sop_uid, kind, bytes) queued for every destination, atomically
+        (the bytes are held first). No destination: written to results_dir/<study>/, the delivery.
         `note` (kept as the reason) says what was unusual about it."""
+        held = []
+        for result_uid, kind, data in results:
+            if destinations:
+                held.append((result_uid, kind, self._hold_result(result_uid, kind, data)))
+            else:
+                folder = self.results_dir / job.study_uid
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                held.append((result_uid, kind, str(Spool.write(folder / Spool.file_name(result_uid, kind), data))))
         now = time.time()
 
         def statements(db):
-            for result_uid, kind, path in results:
+            for result_uid, kind, path in held:
                 for destination in destinations or [NO_DESTINATION]:
-                    db.execute("INSERT OR IGNORE INTO results (sop_uid, destination, source_sop_uid, kind, path,"
-                               " state, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                               (result_uid, destination, sop_uid, kind, str(path),
+                    db.execute("INSERT INTO results (sop_uid, destination, source_sop_uid, kind, path, state,"
+                               " next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                               (result_uid, destination, job.sop_uid, kind, path,
                                 "pending" if destinations else "written", now, now))
-            self._finish(sop_uid, "done", note, decided_by, opacity_pct)(db)
+            self._finish(job.sop_uid, "done", note, decided_by, opacity_pct)(db)
         self._transaction(statements)
 
     def requeue(self, sop_uid: str, reason: str) -> None:
@@ -238,6 +183,10 @@ class Queue:
             f"UPDATE instances SET state = 'queued', reason = NULL, updated_at = ? WHERE state = 'failed' {where}",
             (time.time(), *args)).rowcount)
 
+    def queued(self) -> list[str]:
+        """UIDs of queued instances (what a job engine must hold a job for)."""
+        return [row["sop_uid"] for row in self._query("SELECT sop_uid FROM instances WHERE state = 'queued'")]
+
     # ------------------------------------------------------------ sender side
     def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[Outgoing]:
         """Pending results whose backoff has passed, SEG before SR of the same source; with
@@ -246,7 +195,11 @@ class Queue:
                 " AND s.destination = r.destination AND s.kind = 'SEG' AND s.state != 'sent'))") if sr_only_with_seg else ""
         rows = self._query("SELECT * FROM results r WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
                            f"{held} ORDER BY created_at, kind = 'SR' LIMIT ?", (destination, time.time(), limit))
-        return [_from_row(Outgoing, row) for row in rows]
+        return [from_row(Outgoing, row) for row in rows]
+
+    def result_file(self, outgoing: Outgoing):
+        """The result's bytes, as a path or file object pydicom reads (FileNotFoundError when gone)."""
+        return self._open(outgoing.path)
 
     def mark_sent(self, sop_uid: str, destination: str, warning: str | None = None) -> None:
         """Stored; a warning status (e.g. coerced attributes) is kept in last_error for the record."""
@@ -277,11 +230,16 @@ class Queue:
         """Exponential backoff: initial * 2^attempts, capped at maximum. Never dropped."""
         def statements(db):
             attempts = db.execute("SELECT attempts FROM results WHERE sop_uid = ? AND destination = ?",
-                                  (sop_uid, destination)).fetchone()[0]
+                                  (sop_uid, destination)).fetchone()["attempts"]
             delay = min(maximum, initial * 2 ** attempts)
             db.execute("UPDATE results SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
                        " WHERE sop_uid = ? AND destination = ?", (error, time.time() + delay, sop_uid, destination))
         self._transaction(statements)
+
+    def destinations_due(self) -> list[str]:
+        """Destinations with a pending result whose backoff has passed."""
+        return [row["destination"] for row in self._query(
+            "SELECT DISTINCT destination FROM results WHERE state = 'pending' AND next_attempt_at <= ?", (time.time(),))]
 
     # ------------------------------------------------------------ the node's processes
     def register(self, process_id: str, host: str, pid: int, role: str, version: str) -> None:
@@ -289,9 +247,8 @@ class Queue:
         now = time.time()
 
         def statements(db):
-            db.execute("DELETE FROM processes WHERE heartbeat_at < ?", (now - 600,))
-            db.execute("INSERT OR REPLACE INTO processes VALUES (?,?,?,?,?,?,?)",
-                       (process_id, host, pid, role, version, now, now))
+            db.execute("DELETE FROM processes WHERE heartbeat_at < ? OR process_id = ?", (now - 600, process_id))
+            db.execute("INSERT INTO processes VALUES (?,?,?,?,?,?,?)", (process_id, host, pid, role, version, now, now))
         self._transaction(statements)
 
     def heartbeat(self, process_id: str) -> None:
@@ -329,27 +286,25 @@ class Queue:
 
     def instance(self, sop_uid: str) -> Job | None:
         rows = self._query("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
-        return _from_row(Job, rows[0]) if rows else None
+        return from_row(Job, rows[0]) if rows else None
 
     def expired_files(self, older_than: float) -> list[str]:
-        """Files of finished work older than the retention: inputs whose results all left, results sent
-        everywhere (a refused result keeps its file for `retry`)."""
+        """Bytes of finished work older than the retention: inputs whose results all left, results sent
+        everywhere (a refused result keeps its bytes for `retry`)."""
         inputs = self._query(
             "SELECT path FROM instances i WHERE state IN ('done', 'skipped') AND updated_at < ? AND path != ''"
             " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.source_sop_uid = i.sop_uid AND r.state = 'pending')",
             (older_than,))
-        results = self._query("SELECT path FROM results WHERE state = 'sent' AND sent_at < ? AND path != ''"
+        results = self._query("SELECT DISTINCT path FROM results WHERE state = 'sent' AND sent_at < ? AND path != ''"
                               " AND sop_uid NOT IN (SELECT sop_uid FROM results WHERE state IN ('pending', 'failed'))",
                               (older_than,))
         return [r["path"] for r in inputs + results]
 
-    def forget_files(self, paths: list[str]) -> None:
-        def statements(db):
-            for path in paths:
-                db.execute("UPDATE instances SET path = '' WHERE path = ?", (path,))
-                db.execute("UPDATE results SET path = '' WHERE path = ?", (path,))
-        self._transaction(statements)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def purge(self, older_than: float) -> int:
+        """Delete the bytes `expired_files` names and forget where they were; how many."""
+        paths = self.expired_files(older_than)
+        self._delete(paths)
+        self._transaction(lambda db: [(db.execute("UPDATE instances SET path = '' WHERE path = ?", (path,)),
+                                       db.execute("UPDATE results SET path = '' WHERE path = ?", (path,)))
+                                      for path in paths])
+        return len(paths)

@@ -1,0 +1,99 @@
+"""Scale-out on one PostgreSQL: 2 receiver processes and 3 worker processes share the queue. 300
+instances go in through both receivers while one worker is SIGKILLed mid-inference, one receiver is
+SIGKILLed mid-association (its sender sends the rest through the other) and PostgreSQL restarts. At
+the PACS (Orthanc's REST API) every image then has exactly one SEG and one SR."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.harness import Node, Orthanc, chest_copies, dcmsend_report, wait_for
+from tests.test_faults import SOURCES, delivery, uids
+
+pytestmark = pytest.mark.slow
+
+INSTANCES = 300
+STALLED_SECONDS = 6  # a worker silent this long is dead (the default is 30 s)
+
+
+def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_path, dicom_dir, postgresql, record):
+    files = chest_copies([dicom_dir / s for s in SOURCES], INSTANCES, tmp_path / "images", size=512)
+    by_uid = dict(zip(uids(files), files))
+    database = "scale_out"
+    queue = {"backend": "postgresql", "dsn": postgresql.create_database(database), "stalled_seconds": STALLED_SECONDS}
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    receivers = [Node(tmp_path / f"receiver{i}", role="receiver", queue=queue).start() for i in range(2)]
+    workers = [Node(tmp_path / f"worker{i}", destinations=[("pacs", pacs)], role="worker", queue=queue,
+                    processing={"stable_seconds": 0, "onnx_threads": 1}).start() for i in range(3)]
+    accepted: set[str] = set()
+    refused: list[str] = []  # statuses other than success (0xA700 while the database restarts)
+    lock = threading.Lock()
+
+    def push(share: list[str], first: Node, name: str) -> None:
+        """dcmsend through `first` until every instance of `share` is acknowledged; once `first`
+        is gone, through the receiver still up (as a sender behind a load balancer would)."""
+        for attempt in range(30):
+            waiting = [by_uid[uid] for uid in share if uid not in accepted]
+            if not waiting:
+                return
+            receiver = first if first.process.poll() is None else receivers[0]
+            statuses = dcmsend_report(receiver.port, waiting, tmp_path / f"{name}-{attempt}.txt")
+            with lock:
+                accepted.update(uid for uid, status in statuses.items() if status == "0x0000")
+                refused.extend(status for status in statuses.values() if status != "0x0000")
+            time.sleep(0.5)
+
+    def sql(query: str) -> list[list[str]]:
+        return postgresql.query(database, query)
+
+    uids_in_order = list(by_uid)
+    pushers = [threading.Thread(target=push, args=(uids_in_order[i::2], receivers[i], f"sender{i}")) for i in range(2)]
+    started = time.monotonic()
+    try:
+        for pusher in pushers:
+            pusher.start()
+        # a receiver killed mid-association: once it has taken some of its sender's instances
+        wait_for(lambda: receivers[1].log().count('"instance received"') >= 20, 120, 0.1, "receiver 1 busy")
+        receivers[1].kill()
+        # a worker killed mid-inference: the one holding an instance in processing
+        held = wait_for(lambda: sql("SELECT sop_uid, claimed_by FROM instances WHERE state = 'processing' LIMIT 1"),
+                        120, 0.05, "a job in processing")[0]
+        victim = next(w for w in workers if f":{w.process.pid}:" in held[1])
+        victim.kill()
+        killed_at = time.monotonic()
+        postgresql.restart()  # while receivers take instances and workers record results
+        wait_for(lambda: sql(f"SELECT 1 FROM instances WHERE sop_uid = '{held[0]}' AND (state != 'processing'"
+                             f" OR claimed_by != '{held[1]}')"), 120, 0.2, "the dead worker's job to run elsewhere")
+        requeued_s = time.monotonic() - killed_at
+        for pusher in pushers:
+            pusher.join(600)
+        wait_for(lambda: sql("SELECT COUNT(*) FROM results WHERE state = 'sent'") == [[str(2 * INSTANCES)]],
+                 900, 2, "every result sent")
+        elapsed = time.monotonic() - started
+        states = dict(sql("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+        doing = sql("SELECT COUNT(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0]
+        status = workers[(workers.index(victim) + 1) % 3].status()
+        lost, duplicated = delivery(pacs, list(by_uid))
+        stored = {modality: len(pacs.instances(modality)) for modality in ("SEG", "SR")}
+    finally:
+        for node in receivers + workers:
+            if node.process.poll() is None:
+                node.stop()
+        pacs.stop()
+    record("faults", case=f"PostgreSQL queue, 2 receivers + 3 workers, {INSTANCES} images (512x512): a worker "
+           f"SIGKILLed mid-inference, a receiver mid-association, PostgreSQL restarted",
+           expected="every image: one SEG + one SR", sent=INSTANCES, accepted=len(accepted),
+           delivered=INSTANCES - lost, lost=lost, duplicated=duplicated,
+           observed=f"all delivered in {elapsed:.0f} s; the dead worker's job ran again after {requeued_s:.1f} s "
+                    f"(stalled_seconds {STALLED_SECONDS}); C-STOREs answered {sorted(set(refused))} x{len(refused)} "
+                    "during the restart, sent again")
+    assert len(accepted) == INSTANCES and states == {"done": str(INSTANCES)}
+    assert (lost, duplicated) == (0, 0) and stored == {"SEG": INSTANCES, "SR": INSTANCES}
+    assert doing == "0"  # no job left claimed by a dead worker
+    assert requeued_s < STALLED_SECONDS + 10
+    ages = {p["pid"]: p["heartbeat_age_s"] for p in status["processes"]}
+    assert ages[victim.process.pid] > STALLED_SECONDS and ages[receivers[1].process.pid] > STALLED_SECONDS
+    assert all(ages[node.process.pid] < STALLED_SECONDS for node in (receivers[0], *set(workers) - {victim}))
+    assert sorted(p["role"] for p in status["processes"]) == ["receiver"] * 2 + ["worker"] * 3
