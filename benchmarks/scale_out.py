@@ -67,19 +67,20 @@ def claimer(folder: Path, dsn: str) -> None:
 
 
 def claims_per_second(server: PostgreSQL, folder: Path, jobs: int) -> tuple[float, float]:
-    """(jobs deferred per second from one process, jobs claimed and finished per second by 16 claimers)."""
+    """(instances promoted per second, each with its job deferred, from one process; jobs claimed and
+    finished per second by 16 claimers)."""
     from dicom_node.tasks import build_app
     dsn = server.create_database("claims")
     queue = PostgresQueue(dsn)
     uids = [f"1.2.826.0.1.3680043.10.1.{index}" for index in range(jobs)]
     queue._transaction(lambda db: [db.execute(
-        "INSERT INTO instances (sop_uid, study_uid, path, state, received_at, updated_at) VALUES (?, '1', '', 'queued', 0, 0)",
-        (uid,)) for uid in uids])
+        "INSERT INTO instances (sop_uid, study_uid, path, state, received_at, updated_at)"
+        " VALUES (?, '1', '', 'received', 0, 0)", (uid,)) for uid in uids])
     app = build_app(site_config(folder, dsn), queue, NoModel(queue), sender=None)
     started = time.perf_counter()
     with app.open():
-        for uid in tqdm(uids, desc="deferring jobs"):
-            app.tasks["analyse"].configure(lock=f"analyse:{uid}", queueing_lock=f"analyse:{uid}").defer(sop_uid=uid)
+        while queue.counts()["instances"]["received"]:
+            app.tasks["promote"](timestamp=0)  # the periodic promotion, run here: one analyse job per instance
     deferred_s = time.perf_counter() - started
     processes = [multiprocessing.Process(target=claimer, args=(folder, dsn)) for _ in range(CLAIMER_PROCESSES)]
     started = time.perf_counter()
@@ -138,7 +139,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(server.folder, ignore_errors=True)
     print(f"\n| queue (PostgreSQL, procrastinate), {args.jobs} jobs | per second |\n|---|---|")
-    print(f"| jobs deferred, one process | {deferred:.0f} |")
+    print(f"| instances promoted (job deferred, then marked queued), one process | {deferred:.0f} |")
     print(f"| jobs claimed and finished, {CLAIMER_PROCESSES * SLOTS} claimers, no model | {claimed:.0f} |")
     print(f"\n| worker processes (1 ONNX thread each) | images per minute ({args.images} full-size radiographs) |\n|---|---|")
     for workers, rate in rates.items():

@@ -58,6 +58,7 @@ class Config:
     min_free_mb: int
     stable_seconds: float
     workers: int
+    batch_size: int
     onnx_threads: int
     providers: tuple[str, ...]
     secondary_capture: bool
@@ -220,6 +221,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         min_free_mb=_number(storage, "min_free_mb", "storage"),
         stable_seconds=_number(processing, "stable_seconds", "processing", float),
         workers=_number(processing, "workers", "processing", minimum=1),
+        batch_size=_number(processing, "batch_size", "processing", minimum=1),
         onnx_threads=_number(processing, "onnx_threads", "processing", minimum=1),
         providers=tuple(providers), secondary_capture=_flag(raw["outputs"], "secondary_capture", "outputs"),
         destinations=tuple(destinations),

@@ -23,6 +23,7 @@ from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
+from model.batching import BatchingPipeline
 from model.infer import choose_providers, load_pipeline, read_manifest
 
 
@@ -109,6 +110,8 @@ def serve(config: Config, role: str = "all") -> int:
         recovered_jobs=recovered, removed_partial_files=removed,
         destinations=[d.name for d in config.destinations] or "results_dir")
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
+    if config.batch_size > 1:
+        pipeline = BatchingPipeline(pipeline, min(config.batch_size, config.workers))
     algorithm = algorithm_identity()
     audit.application(started=True)
     process_id = join(queue, role)

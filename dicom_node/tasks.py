@@ -34,9 +34,8 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
 
     def defer_analyse(uids: list[str]) -> None:
         for uid in uids:
-            lock = f"analyse:{uid}"  # one waiting job per instance, never two running at once
-            try:
-                analyse.configure(lock=lock, queueing_lock=lock).defer(sop_uid=uid)
+            try:  # one waiting job per instance (no `lock`: procrastinate checks locks by scanning the waiting jobs)
+                analyse.configure(queueing_lock=f"analyse:{uid}").defer(sop_uid=uid)
             except AlreadyEnqueued:
                 pass
 

@@ -119,45 +119,72 @@ class Pipeline:
 
     def lungs(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """uint8 gray image -> (label map at the image's size, mean lung confidence)."""
-        height, width = image.shape
-        small = cv2.resize(image, (self.lung_size, self.lung_size), interpolation=cv2.INTER_AREA)
-        prob = self.lung_runner(small[None, ..., None].astype(np.float32) / 255.0)[0]
+        return self.lungs_many([image])[0]
+
+    def lungs_many(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """lungs() of several images, the lung model run once over all of them."""
+        small = np.stack([cv2.resize(image, (self.lung_size, self.lung_size), interpolation=cv2.INTER_AREA)
+                          for image in images])
+        probabilities = self.lung_runner(small[..., None].astype(np.float32) / 255.0)
+        return [self._lung_labels(image.shape, prob) for image, prob in zip(images, probabilities)]
+
+    @staticmethod
+    def _lung_labels(shape: tuple[int, int], prob: np.ndarray) -> tuple[np.ndarray, float]:
+        height, width = shape
         prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
         lung_prob = prob.max(axis=-1)
         right = _largest_components((prob[..., 0] >= LUNG_THRESHOLD) & (prob[..., 0] >= prob[..., 1]))
         left = _largest_components((prob[..., 1] >= LUNG_THRESHOLD) & (prob[..., 1] > prob[..., 0]))
-        labels = np.zeros(image.shape, np.uint8)
+        labels = np.zeros(shape, np.uint8)
         labels[right], labels[left] = RIGHT, LEFT
         # A network can swap sides on an odd crop; anatomy (image position) decides the labels.
         labels = split_right_left(labels > 0) if right.any() and left.any() else labels
         confidence = float(lung_prob[labels > 0].mean()) if labels.any() else 0.0
         return labels, confidence
 
-    def opacity_probability(self, image: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-        """Opacity probability at the image's size (0 outside the lung crop)."""
-        y0, y1, x0, x1 = crop_box(lungs > 0)
-        crop = cv2.resize(image[y0:y1, x0:x1], (self.opacity_size, self.opacity_size), interpolation=cv2.INTER_AREA)
-        prob = self.opacity_runner(crop[None, ..., None].astype(np.float32) / 255.0)[0, ..., 0]
-        full = np.zeros(image.shape, np.float32)
-        full[y0:y1, x0:x1] = cv2.resize(prob, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-        return full
+    def opacity_probability_many(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[np.ndarray]:
+        """Opacity probability of each image at its size (0 outside its lung crop), the opacity model
+        run once over all the crops."""
+        boxes = [crop_box(labels > 0) for labels in lungs]
+        crops = np.stack([cv2.resize(image[y0:y1, x0:x1], (self.opacity_size, self.opacity_size),
+                                     interpolation=cv2.INTER_AREA) for image, (y0, y1, x0, x1) in zip(images, boxes)])
+        probabilities = self.opacity_runner(crops[..., None].astype(np.float32) / 255.0)[..., 0]
+        fulls = []
+        for image, (y0, y1, x0, x1), prob in zip(images, boxes, probabilities):
+            full = np.zeros(image.shape, np.float32)
+            full[y0:y1, x0:x1] = cv2.resize(prob, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+            fulls.append(full)
+        return fulls
 
-    def oriented_lungs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, bool]:
-        """(image, lungs, confidence, inverted): the image inverted when its lungs are found with clearly
-        more confidence that way (see POLARITY_CHECK_BELOW)."""
-        lungs, confidence = self.lungs(image)
-        if confidence < POLARITY_CHECK_BELOW:
-            inverted_lungs, inverted_confidence = self.lungs(255 - image)
-            if inverted_confidence > confidence + POLARITY_MARGIN:
-                return 255 - image, inverted_lungs, inverted_confidence, True
-        return image, lungs, confidence, False
+    def oriented_lungs_many(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float, bool]]:
+        """(image, lungs, confidence, inverted) of each image: inverted when its lungs are found with clearly
+        more confidence that way (see POLARITY_CHECK_BELOW); the doubtful ones are re-run as one batch."""
+        found = [(image, labels, confidence, False)
+                 for image, (labels, confidence) in zip(images, self.lungs_many(images))]
+        doubtful = [index for index, (_, _, confidence, _) in enumerate(found) if confidence < POLARITY_CHECK_BELOW]
+        if doubtful:
+            inverted = self.lungs_many([255 - images[index] for index in doubtful])
+            for index, (labels, confidence) in zip(doubtful, inverted):
+                if confidence > found[index][2] + POLARITY_MARGIN:
+                    found[index] = (255 - images[index], labels, confidence, True)
+        return found
 
     def segment(self, gray: np.ndarray) -> Segmentation:
         """Gray image of any bit depth (MONOCHROME2 orientation: air is dark; an image whose lungs
         are clearer inverted is read inverted, and says so) -> Segmentation at the input's size."""
+        return self.segment_many([gray])[0]
+
+    def segment_many(self, grays: list[np.ndarray]) -> list[Segmentation]:
+        """segment() of several images, each model run once per batch (what a GPU is fast at); the
+        results are those of segment() one by one."""
+        oriented = self.oriented_lungs_many([working_image(gray) for gray in grays])
+        probabilities = self.opacity_probability_many([image for image, *_ in oriented], [lungs for _, lungs, *_ in oriented])
+        return [self._segmentation(gray, *found, probability)
+                for gray, found, probability in zip(grays, oriented, probabilities)]
+
+    def _segmentation(self, gray: np.ndarray, image: np.ndarray, lungs: np.ndarray, confidence: float,
+                      inverted: bool, probability: np.ndarray) -> Segmentation:
         height, width = gray.shape
-        image, lungs, confidence, inverted = self.oriented_lungs(working_image(gray))
-        probability = self.opacity_probability(image, lungs)
         opacity = (probability >= OPACITY_THRESHOLD) & (lungs > 0)
         working_zones = zone_map(lungs)
         zone_opacity_score = {letter: 100.0 * float(probability[working_zones == index].mean())
