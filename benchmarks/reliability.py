@@ -1,4 +1,4 @@
-"""Run the fault, bad-input, load and security tests and write docs/RELIABILITY.md from what they
+"""Run the fault, bad-input, load, security and scale-out tests and write docs/RELIABILITY.md from what they
 observed (each test appends its rows to a JSON-lines log).
 
     .venv/bin/python benchmarks/reliability.py      # about 15 minutes on 2 cores; needs what .ci/run installs
@@ -15,7 +15,8 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_faults.py", "tests/test_bad_input.py", "tests/test_load.py", "tests/test_security.py"]
+TESTS = ["tests/test_faults.py", "tests/test_bad_input.py", "tests/test_load.py", "tests/test_security.py",
+         "tests/test_scale_out.py"]
 COUNTS = ("sent", "accepted", "delivered", "lost", "duplicated")
 
 

@@ -23,7 +23,6 @@ from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
-from model.batching import BatchingPipeline
 from model.infer import choose_providers, load_pipeline, read_manifest
 
 
@@ -109,9 +108,8 @@ def serve(config: Config, role: str = "all") -> int:
     log("starting", role=role, queue=config.queue_backend, config=config.source, state_dir=str(config.state_dir),
         recovered_jobs=recovered, removed_partial_files=removed,
         destinations=[d.name for d in config.destinations] or "results_dir")
-    pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
-    if config.batch_size > 1:
-        pipeline = BatchingPipeline(pipeline, min(config.batch_size, config.workers))
+    pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers),
+                             batch_size=min(config.batch_size, config.workers))  # a batch fills from concurrent jobs
     algorithm = algorithm_identity()
     audit.application(started=True)
     process_id = join(queue, role)

@@ -22,7 +22,6 @@ from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
 from dicom_node.queue import Job, Queue, QueueUnavailable, State
 from dicom_node.spool import Spool
-from model.batching import BatchingPipeline
 from model.infer import Pipeline
 
 
@@ -35,7 +34,7 @@ def encode(ds: pydicom.Dataset) -> bytes:
 class Worker:
     """Stateless between jobs: worker threads (or the job engine's threads) share one."""
 
-    def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Pipeline | BatchingPipeline,
+    def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Pipeline,
                  algorithm: Algorithm, process_id: str | None = None):
         self.config, self.queue, self.spool, self.pipeline, self.algorithm = config, queue, spool, pipeline, algorithm
         self.destinations = [destination.name for destination in config.destinations]

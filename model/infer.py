@@ -244,8 +244,10 @@ def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None
     return run
 
 
-def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None) -> Pipeline:
-    """The shipped models on ONNX Runtime, after checking their sha256 against the manifest."""
+def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None,
+                  batch_size: int = 1) -> Pipeline:
+    """The shipped models on ONNX Runtime, after checking their sha256 against the manifest. With
+    `batch_size` > 1, segment() calls made at the same time share one run of each model (batching.py)."""
     import hashlib
 
     info = read_manifest(weights_dir)
@@ -256,5 +258,9 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: 
     lungs = onnx_runner(Path(weights_dir) / "lungs.onnx", threads, providers)
     opacity = onnx_runner(Path(weights_dir) / "opacity.onnx", threads, providers)
     brixia = Path(weights_dir) / "brixia.json"
-    return Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size, opacity_size=opacity.input_size,
-                    brixia=BrixiaMapping.load(brixia) if brixia.exists() else None)
+    pipeline = Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size,
+                        opacity_size=opacity.input_size, brixia=BrixiaMapping.load(brixia) if brixia.exists() else None)
+    if batch_size > 1:
+        from model.batching import BatchingPipeline  # it builds on Pipeline
+        return BatchingPipeline(pipeline, batch_size)
+    return pipeline

@@ -265,6 +265,25 @@ def test_without_destinations_results_are_written_to_the_results_folder(tmp_path
     assert sr_brixia_scores(report) == predicted_brixia_scores(inputs["extra"][0], tmp_path / "predict")
 
 
+def test_batched_workers_give_each_image_its_own_results(tmp_path, dicom_dir):
+    """Three analyses at a time sharing model runs (batch_size 3): each image's SR holds what
+    `cxr-node predict` finds for it alone."""
+    sources = [dicom_dir / "torchxrayvision" / "Fake_MONOHR1.dcm", dicom_dir / "pydicom-data" / "RG1_J2KR.dcm",
+               next((dicom_dir / "nhsx-nccid").glob("*.dcm"))]
+    files = [new_instance(pydicom.dcmread(path), tmp_path / f"{index}.dcm") for index, path in enumerate(sources)]
+    node = Node(tmp_path / "node", processing={"workers": 3, "batch_size": 3, "stable_seconds": 1}).start()
+    try:
+        assert dcmsend(node.port, files).returncode == 0  # one study each, stable together: claimed together
+        wait_for(lambda: node.status()["results"]["written"] == 6, 120, what="results written")
+    finally:
+        node.stop()
+    reports = {pydicom.dcmread(p).CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence[0].ReferencedSOPInstanceUID: p
+               for p in (tmp_path / "node" / "state" / "results").rglob("SR_*.dcm")}
+    for index, path in enumerate(files):
+        assert sr_brixia_scores(reports[uid_of(path)]) == predicted_brixia_scores(path, tmp_path / f"predict{index}")
+
+
 def sr_brixia_scores(path) -> dict:
     """{zone letter or 'global': score} read back from the SR with highdicom."""
     zone_of = {(zone, side): letter for letter, (zone, side) in
