@@ -1,7 +1,8 @@
 """pynetdicom AE: association policy, C-ECHO, and C-STORE into the durable spool.
 
 An instance is acknowledged 0x0000 only once its bytes and its queue row are committed (the file
-fsynced and renamed into the spool with SQLite; bytes and row in one transaction with PostgreSQL). Non-chest or non-image objects are accepted too (the worker records them as skipped).
+fsynced and renamed into the spool with SQLite; bytes and row in one transaction with PostgreSQL).
+Non-chest or non-image objects are accepted too (the worker records them as skipped).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
                          JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import AuditTrail
@@ -73,30 +74,6 @@ class SharedPortServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
-
-
-class BulkReadSocket(AssociationSocket):
-    """Reads a PDU in as few calls as the network allows: pynetdicom reads 4 KiB per call, about 700
-    Python-level reads for one 2.9 MB radiograph, the receiver's largest CPU cost."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        received = bytearray(nr_bytes)
-        view, filled = memoryview(received), 0
-        while filled < nr_bytes:
-            count = self.socket.recv_into(view[filled:], nr_bytes - filled)
-            if not count:  # the connection closed: what arrived, as pynetdicom returns it
-                return received[:filled]
-            filled += count
-        return received
-
-
-class BulkReadRequestHandler(RequestHandler):
-    """pynetdicom's handler, with each association's socket reading through BulkReadSocket."""
-
-    def _create_association(self):
-        assoc = super()._create_association()
-        assoc.dul.socket.__class__ = BulkReadSocket  # the same socket object, its recv replaced
-        return assoc
 
 
 class Receiver:
@@ -159,8 +136,8 @@ class Receiver:
 
     @staticmethod
     def _queue_failed(uid: str, calling: str, ds, error: Exception) -> tuple[int, object, str]:
-        """The queue cannot be read or written (locked past its timeout, I/O error, database down): nothing is
-        acknowledged that is not recorded durably; out of resources tells the sender to try again."""
+        """The queue cannot be read or written (locked past its timeout, I/O error, database down):
+        nothing is acknowledged that is not recorded durably; out of resources tells the sender to try again."""
         RECEIVED.labels("out_of_resources").inc()
         log("refused: queue unavailable", 40, uid=uid, calling_ae=calling, error=str(error))
         return OUT_OF_RESOURCES, ds, f"refused: queue unavailable ({error})"
@@ -187,8 +164,7 @@ class Receiver:
         self.server = ae.make_server(
             (self.config.bind, self.config.port), evt_handlers=handlers,
             ssl_context=tls_context(self.config.tls) if self.config.tls else None,
-            server_class=SharedPortServer if self.config.receiver_processes > 1 else ThreadedAssociationServer,
-            request_handler=BulkReadRequestHandler)
+            server_class=SharedPortServer if self.config.receiver_processes > 1 else ThreadedAssociationServer)
         ae._servers.append(self.server)  # as AE.start_server does: the server's shutdown() removes it there
         threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True).start()
         log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port,

@@ -167,7 +167,8 @@ def heartbeat(queue: Queue, process_id: str) -> None:
 
 
 def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail, stop: threading.Event) -> int:
-    """Only the receiver (no models loaded): what the `all` process's workers then analyse."""
+    """Only the receiver (no models loaded): the `all` process's workers, or the cluster's, analyse
+    what it takes."""
     audit.application(started=True)
     receiver = Receiver(config, queue, spool, audit)
     receiver.start()

@@ -178,7 +178,8 @@ class Pipeline:
         """segment() of several images, each model run once per batch (what a GPU is fast at); the
         results are those of segment() one by one."""
         oriented = self.oriented_lungs_many([working_image(gray) for gray in grays])
-        probabilities = self.opacity_probability_many([image for image, *_ in oriented], [lungs for _, lungs, *_ in oriented])
+        probabilities = self.opacity_probability_many([image for image, *_ in oriented],
+                                                      [lungs for _, lungs, *_ in oriented])
         return [self._segmentation(gray, *found, probability)
                 for gray, found, probability in zip(grays, oriented, probabilities)]
 

@@ -115,19 +115,19 @@ class Queue:
             (time.time(),)).rowcount)
 
     def claim_next(self, process_id: str | None = None) -> Job | None:
-        """The oldest queued job, now 'processing' and claimed by `process_id`."""
-        rows = self._query("SELECT sop_uid FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1")
-        return self.start(rows[0]["sop_uid"], process_id, from_states=(State.QUEUED,)) if rows else None
+        """The oldest queued job, now 'processing' and claimed by `process_id` (the single-host engine)."""
+        return self._claim("sop_uid = (SELECT sop_uid FROM instances WHERE state = 'queued' ORDER BY received_at"
+                           " LIMIT 1)", (), process_id)
 
-    def start(self, sop_uid: str, process_id: str | None,
-              from_states=(State.QUEUED, State.PROCESSING)) -> Job | None:
+    def start(self, sop_uid: str, process_id: str | None) -> Job | None:
         """The instance, now 'processing' and claimed by `process_id`; None if it is in no state to
-        start (done, or taken meanwhile). 'processing' is allowed for a job engine's retry of a job
-        whose worker died."""
-        allowed = ",".join(f"'{state}'" for state in from_states)
+        start (finished). 'processing' is allowed: a job engine's retry of a job whose worker died."""
+        return self._claim("sop_uid = ? AND state IN ('queued', 'processing')", (sop_uid,), process_id)
+
+    def _claim(self, where: str, args: tuple, process_id: str | None) -> Job | None:
         rows = self._transaction(lambda db: db.execute(
             "UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?, claimed_by = ?"
-            f" WHERE sop_uid = ? AND state IN ({allowed}) RETURNING *", (time.time(), process_id, sop_uid)).fetchall())
+            f" WHERE {where} RETURNING *", (time.time(), process_id, *args)).fetchall())
         return from_row(Job, dict(rows[0])) if rows else None
 
     def input_file(self, job: Job):
@@ -182,10 +182,6 @@ class Queue:
         return self._transaction(lambda db: db.execute(
             f"UPDATE instances SET state = 'queued', reason = NULL, updated_at = ? WHERE state = 'failed' {where}",
             (time.time(), *args)).rowcount)
-
-    def queued(self) -> list[str]:
-        """UIDs of queued instances (what a job engine must hold a job for)."""
-        return [row["sop_uid"] for row in self._query("SELECT sop_uid FROM instances WHERE state = 'queued'")]
 
     # ------------------------------------------------------------ sender side
     def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[Outgoing]:
