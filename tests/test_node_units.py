@@ -38,6 +38,10 @@ def test_embedded_defaults_load():
      "destinations[0].tls_ca_certificates"),
     ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\ntls = true\n', "destinations[0].tls"),
     ('[audit]\nsyslog = "syslog.example.org"\n', "audit.syslog"),
+    ('[queue]\nbackend = "mysql"\n', "queue.backend"),
+    ('[queue]\nbackend = "postgresql"\n', "queue.dsn"),
+    ('[queue]\nstalled_seconds = 1\n', "queue.stalled_seconds"),
+    ("[processing]\nbatch_size = 0\n", "processing.batch_size"),
 ])
 def test_invalid_settings_are_named(tmp_path, text, message):
     path = tmp_path / "site.toml"

@@ -84,7 +84,7 @@ class SQLiteQueue(Queue):
 
     def _open(self, path: str) -> Path:
         if not path or not Path(path).exists():
-            raise FileNotFoundError(f"file missing: {path}")
+            raise FileNotFoundError(path or "no file recorded (purged after the retention period?)")
         return Path(path)
 
     def _delete(self, paths: list[str]) -> None:
