@@ -334,6 +334,38 @@ def test_a_postgresql_queue_of_a_newer_schema_is_refused(postgresql):
         PostgresQueue(dsn)
 
 
+def test_promotion_defers_one_analyse_job_per_instance_and_again_once_its_job_ended(postgresql, tmp_path):
+    """The cluster's outbox: however often `promote` runs, an instance has one waiting job; a queued
+    instance whose job ended without finishing it (put back after a full disk, `cxr-node retry`) gets another."""
+    from types import SimpleNamespace
+
+    from dicom_node.queue.postgresql import PostgresQueue
+    from dicom_node.tasks import build_app
+
+    database = "outbox"
+    dsn = postgresql.create_database(database)
+    (tmp_path / "node.toml").write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[processing]\n'
+                                        f'stable_seconds = 0\n[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
+    queue = PostgresQueue(dsn)
+    app = build_app(load_config(tmp_path / "node.toml"), queue, SimpleNamespace(destinations=[], process_id=None),
+                    sender=None)
+
+    def analyse_jobs() -> list[list[str]]:
+        return postgresql.query(database, "SELECT args->>'sop_uid', status FROM procrastinate_jobs"
+                                          " WHERE task_name = 'analyse' ORDER BY id")
+    try:
+        received(queue, tmp_path)
+        with app.open():
+            for _ in range(3):
+                app.tasks["promote"](timestamp=0)  # the periodic task's body, as a worker runs it
+            assert analyse_jobs() == [["1.2.3", "todo"]] and queue.instance("1.2.3").state == State.QUEUED
+            postgresql.query(database, "UPDATE procrastinate_jobs SET status = 'succeeded'")  # ended, instance queued
+            app.tasks["promote"](timestamp=0)
+            assert analyse_jobs() == [["1.2.3", "succeeded"], ["1.2.3", "todo"]]
+    finally:
+        queue.close()
+
+
 def test_worker_role_needs_postgresql(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "worker"],
                             capture_output=True, text=True, cwd=tmp_path)

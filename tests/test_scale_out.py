@@ -78,7 +78,8 @@ def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_pa
         states = dict(sql("SELECT state, COUNT(*) FROM instances GROUP BY state"))
         doing = sql("SELECT COUNT(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0]
         time.sleep(max(0.0, killed_at + HEARTBEAT_LIMIT + 1 - time.monotonic()))  # long enough for the dead to show
-        status = workers[(workers.index(victim) + 1) % 3].status()
+        survivor = workers[(workers.index(victim) + 1) % 3]
+        status, metrics = survivor.status(), survivor.metrics()
         lost, duplicated = delivery(pacs, list(by_uid))
         stored = {modality: len(pacs.instances(modality)) for modality in ("SEG", "SR")}
     finally:
@@ -96,6 +97,7 @@ def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_pa
     assert mid_inference and len(accepted) == INSTANCES and states == {"done": str(INSTANCES)}
     assert (lost, duplicated) == (0, 0) and stored == {"SEG": INSTANCES, "SR": INSTANCES}
     assert doing == "0"  # no job left claimed by a dead worker
+    assert 'cxr_instances_processed_total{state="done"}' in metrics  # each worker exports its own /metrics
     assert requeued_s < STALLED_SECONDS + 10
     ages = {p["pid"]: p["heartbeat_age_s"] for p in status["processes"]}  # `cxr-node status` shows the cluster
     assert ages[victim.process.pid] > HEARTBEAT_LIMIT and ages[receivers[1].process.pid] > HEARTBEAT_LIMIT
