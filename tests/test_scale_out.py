@@ -1,7 +1,8 @@
 """Scale-out on one PostgreSQL: 2 receiver processes and 3 worker processes share the queue. 300
 instances go in through both receivers while one worker is SIGKILLed mid-inference, one receiver is
 SIGKILLed mid-association (its sender sends the rest through the other) and PostgreSQL restarts. At
-the PACS (Orthanc's REST API) every image then has exactly one SEG and one SR."""
+the PACS (Orthanc's REST API) every image then has exactly one SEG and one SR. And one node (role all)
+on PostgreSQL, as a site starts before it adds hosts."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from tests.harness import Node, Orthanc, chest_copies, dcmsend_report, wait_for
+from tests.harness import Node, Orthanc, chest_copies, dcmsend, dcmsend_report, wait_for
 from tests.test_faults import SOURCES, delivery, uids
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,20 @@ def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_pa
     assert ages[victim.process.pid] > HEARTBEAT_LIMIT and ages[receivers[1].process.pid] > HEARTBEAT_LIMIT
     assert all(ages[node.process.pid] < HEARTBEAT_LIMIT for node in (receivers[0], *set(workers) - {victim}))
     assert sorted(p["role"] for p in status["processes"]) == ["receiver"] * 2 + ["worker"] * 3
+
+
+def test_one_node_on_postgresql_receives_analyses_and_sends(tmp_path, dicom_dir, postgresql):
+    """`serve` (role all) with the PostgreSQL queue: what a site runs before it adds hosts."""
+    files = chest_copies([dicom_dir / s for s in SOURCES], 6, tmp_path / "images", size=512)
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    node = Node(tmp_path / "node", destinations=[("pacs", pacs)],
+                queue={"backend": "postgresql", "dsn": postgresql.create_database("one_node")}).start()
+    try:
+        assert dcmsend(node.port, files).returncode == 0
+        wait_for(lambda: node.status()["results"]["sent"] == 12, 120, 1, "every result sent")
+        assert [p["role"] for p in node.status()["processes"]] == ["all"]
+        assert delivery(pacs, uids(files)) == (0, 0)
+        assert not list((tmp_path / "node" / "state" / "inputs").iterdir())  # the bytes live in the database
+    finally:
+        node.stop()
+        pacs.stop()
