@@ -13,8 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicom_node.config import load_config
-from dicom_node.queue import Queue, SQLiteQueue
-from dicom_node.spool import Spool
+from dicom_node.queue import Queue
 from dicom_node.sender import PERMANENT, STORED, TRANSIENT, WARNING, Sender, status_class
 from tests.harness import free_port
 
@@ -60,13 +59,14 @@ def result_file(folder: Path, uid: str, sop_class: str) -> Path:
     return path
 
 
-def setup(tmp_path, pacs, **destination) -> tuple[Queue, Sender]:
+def setup(make_queue, tmp_path, pacs, **destination) -> tuple[Queue, Sender]:
+    """A Sender to `pacs` and a queue of the backend under test holding one SEG and one SR to send."""
     extra = "".join(f"{key} = {str(value).lower()}\n" for key, value in destination.items())
     (tmp_path / "node.toml").write_text(
         f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[retry]\ninitial_seconds = 0.2\nmax_seconds = 0.4\n'
         f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n{extra}')
     config = load_config(tmp_path / "node.toml")
-    queue = SQLiteQueue(tmp_path / "queue.sqlite3", Spool(tmp_path / "state"))
+    queue = make_queue()
     queue.record_received(SOURCE, "1.2", "1.3", "cr", "MODALITY", tmp_path / "in.dcm")
     queue.complete(queue.instance(SOURCE),
                    [("2.25.1", "SEG", result_file(tmp_path, "2.25.1", SegmentationStorage).read_bytes()),
@@ -100,16 +100,16 @@ def test_status_classes(status, expected):
     assert status_class(status) == expected
 
 
-def test_a_warning_counts_as_stored_once_and_is_kept(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs)
+def test_a_warning_counts_as_stored_once_and_is_kept(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs)
     pacs.answers = [0xB000]
     send_until_quiet(sender)
     assert sorted(pacs.stored()) == ["2.25.1", "2.25.2"] and len(pacs.received) == 2  # never sent again
     assert state(queue, "2.25.1")["state"] == "sent" and "0xB000" in state(queue, "2.25.1")["last_error"]
 
 
-def test_a_transient_failure_is_retried_after_its_backoff(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs)
+def test_a_transient_failure_is_retried_after_its_backoff(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs)
     pacs.answers = [0xA700]
     before = metric("cxr_send_failures_total", destination="pacs", **{"class": "transient"})
     sender.send_due()
@@ -121,8 +121,8 @@ def test_a_transient_failure_is_retried_after_its_backoff(tmp_path, pacs):
     assert metric("cxr_send_failures_total", destination="pacs", **{"class": "transient"}) == before + 1
 
 
-def test_a_permanent_failure_is_failed_with_its_reason_until_retry(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs)
+def test_a_permanent_failure_is_failed_with_its_reason_until_retry(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs)
     pacs.answers = [0xA900]
     before = metric("cxr_send_failures_total", destination="pacs", **{"class": "permanent"})
     send_until_quiet(sender)
@@ -137,10 +137,10 @@ def test_a_permanent_failure_is_failed_with_its_reason_until_retry(tmp_path, pac
     assert state(queue, "2.25.1")["state"] == "sent" and pacs.stored().count("2.25.1") == 1
 
 
-def test_a_pacs_without_seg_refuses_it_permanently(tmp_path):
+def test_a_pacs_without_seg_refuses_it_permanently(make_queue, tmp_path):
     pacs = LoopbackPacs(sop_classes=(Comprehensive3DSRStorage,))
     try:
-        queue, sender = setup(tmp_path, pacs)
+        queue, sender = setup(make_queue, tmp_path, pacs)
         send_until_quiet(sender)
         row = state(queue, "2.25.1")
         assert row["state"] == "failed" and "not accepted" in row["last_error"]
@@ -149,8 +149,8 @@ def test_a_pacs_without_seg_refuses_it_permanently(tmp_path):
         pacs.server.shutdown()
 
 
-def test_sr_only_with_seg_holds_the_sr_until_its_seg_is_stored(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs, sr_only_with_seg=True)
+def test_sr_only_with_seg_holds_the_sr_until_its_seg_is_stored(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs, sr_only_with_seg=True)
     pacs.answers = [0xA700]  # the SEG fails once
     sender.send_due()
     assert [uid for uid, _ in pacs.received] == ["2.25.1"]  # the SR waited
@@ -158,8 +158,8 @@ def test_sr_only_with_seg_holds_the_sr_until_its_seg_is_stored(tmp_path, pacs):
     assert [uid for uid, _ in pacs.received] == ["2.25.1", "2.25.1", "2.25.2"]
 
 
-def test_sr_only_with_seg_fails_the_sr_when_its_seg_is_refused(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs, sr_only_with_seg=True)
+def test_sr_only_with_seg_fails_the_sr_when_its_seg_is_refused(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs, sr_only_with_seg=True)
     pacs.answers = [0xC000]
     send_until_quiet(sender)
     assert pacs.stored() == []
@@ -170,19 +170,19 @@ def test_sr_only_with_seg_fails_the_sr_when_its_seg_is_refused(tmp_path, pacs):
     assert pacs.stored() == ["2.25.1", "2.25.2"]
 
 
-def test_a_pacs_that_takes_only_implicit_vr_gets_the_results_converted(tmp_path):
+def test_a_pacs_that_takes_only_implicit_vr_gets_the_results_converted(make_queue, tmp_path):
     pacs = LoopbackPacs(transfer_syntaxes=[pydicom.uid.ImplicitVRLittleEndian])  # the results are explicit VR
     try:
-        queue, sender = setup(tmp_path, pacs)
+        queue, sender = setup(make_queue, tmp_path, pacs)
         send_until_quiet(sender, 0.5)
         assert sorted(pacs.stored()) == ["2.25.1", "2.25.2"]
     finally:
         pacs.server.shutdown()
 
 
-def test_a_result_whose_file_is_gone_is_refused_not_retried_for_ever(tmp_path, pacs):
-    queue, sender = setup(tmp_path, pacs)
-    Path(state(queue, "2.25.1")["path"]).unlink()
+def test_a_result_whose_file_is_gone_is_refused_not_retried_for_ever(make_queue, tmp_path, pacs):
+    queue, sender = setup(make_queue, tmp_path, pacs)
+    queue._delete([state(queue, "2.25.1")["path"]])  # the SEG's bytes are gone
     send_until_quiet(sender, 0.5)
     row = state(queue, "2.25.1")
     assert row["state"] == "failed" and "result file missing" in row["last_error"]
