@@ -91,7 +91,6 @@ def make_queue(request, tmp_path):
         def make():
             opened.append(SQLiteQueue(tmp_path / "q.sqlite3", Spool(tmp_path / "state"), tmp_path / "results"))
             return opened[-1]
-    make.backend = request.param
     yield make
     for queue in opened:
         queue.close()

@@ -32,6 +32,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie that its parent has not reaped yet counts as exited)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM, then wait for the PID to exit (SIGKILL if it will not)."""
     if process.poll() is None:
@@ -294,8 +302,7 @@ class PostgreSQL:
         """Fast shutdown (SIGINT to the postmaster: sessions are ended, nothing committed is lost)."""
         pid = self.pid
         os.kill(pid, signal.SIGINT)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(),
-                 60, what="PostgreSQL to stop")
+        wait_for(lambda: process_gone(pid), 60, what="PostgreSQL to stop")
 
     def restart(self) -> None:
         self.stop()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.harness import Node, chest_copies, dcmsend, wait_for
+from tests.harness import Node, chest_copies, dcmsend, process_gone, wait_for
 from tests.test_faults import SOURCES
 
 pytestmark = pytest.mark.slow
@@ -60,8 +60,7 @@ def test_a_receiver_process_stops_when_the_node_that_started_it_is_killed(tmp_pa
         wait_for(lambda: any(e.get("role") == "receiver" for e in events(node, "ready")), 30, what="the receiver process")
         child = next(e["pid"] for e in events(node, "ready") if e.get("role") == "receiver")
         node.kill()  # kill -9: nothing of the node's own shutdown runs
-        wait_for(lambda: not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read(),
-                 20, what="the orphaned receiver process to stop")
+        wait_for(lambda: process_gone(child), 20, what="the orphaned receiver process to stop")
         assert events(node, "the node that started this receiver is gone; stopping")
     finally:
         node.stop()
