@@ -366,6 +366,16 @@ def test_promotion_defers_one_analyse_job_per_instance_and_again_once_its_job_en
         queue.close()
 
 
+def test_postgresql_unreachable_at_start_exits_1_and_says_so(tmp_path):
+    from tests.harness import free_port
+
+    (tmp_path / "site.toml").write_text(f'[queue]\nbackend = "postgresql"\n'
+                                        f'dsn = "postgresql://cxr@127.0.0.1:{free_port()}/cxr"\n')
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(tmp_path / "site.toml")],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1 and "queue unavailable" in result.stderr
+
+
 def test_worker_role_needs_postgresql(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "worker"],
                             capture_output=True, text=True, cwd=tmp_path)

@@ -110,14 +110,17 @@ def test_one_node_on_postgresql_receives_analyses_and_sends(tmp_path, dicom_dir,
     """`serve` (role all) with the PostgreSQL queue: what a site runs before it adds hosts."""
     files = chest_copies([dicom_dir / s for s in SOURCES], 6, tmp_path / "images", size=512)
     pacs = Orthanc(tmp_path / "orthanc").start()
+    database = "one_node"
     node = Node(tmp_path / "node", destinations=[("pacs", pacs)],
-                queue={"backend": "postgresql", "dsn": postgresql.create_database("one_node")}).start()
+                queue={"backend": "postgresql", "dsn": postgresql.create_database(database)}).start()
     try:
         assert dcmsend(node.port, files).returncode == 0
         wait_for(lambda: node.status()["results"]["sent"] == 12, 120, 1, "every result sent")
         assert [p["role"] for p in node.status()["processes"]] == ["all"]
         assert delivery(pacs, uids(files)) == (0, 0)
         assert not list((tmp_path / "node" / "state" / "inputs").iterdir())  # the bytes live in the database
+        finished = "SELECT COUNT(*) FROM procrastinate_jobs WHERE task_name IN ('analyse', 'send') AND status = 'succeeded'"
+        assert postgresql.query(database, finished) == [["0"]]  # deleted once done: the queue's rows are the record
     finally:
         node.stop()
         pacs.stop()
