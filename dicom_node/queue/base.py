@@ -77,13 +77,13 @@ class Queue:
         raise NotImplementedError
 
     def record_received(self, sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path,
-                        state="received", reason=None) -> bool:
+                        state="received") -> bool:
         """Record an instance whose bytes are held at `path`; False if the SOP Instance UID was already known."""
         now = time.time()
         return self._transaction(lambda db: db.execute(
-            "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path, state, reason,"
-            " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, str(path), state, reason, now, now)
+            "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, path, state,"
+            " received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            (sop_uid, study_uid, series_uid, sop_class_uid, calling_ae, str(path), state, now, now)
         ).rowcount == 1)
 
     def promote_stable(self, stable_seconds: float, enqueue: Callable[[list[str]], None] | None = None) -> int:
