@@ -69,7 +69,7 @@ class Worker:
 
     def _process(self, job: Job) -> State:
         uid = job.sop_uid
-        analysis_started = datetime.now().astimezone()
+        received = datetime.fromtimestamp(job.received_at).astimezone()  # the results' time: the same on a re-run
         ds = pydicom.dcmread(self.queue.input_file(job))
         decision = chest_filter.by_tags(ds)
         if decision.frontal_chest is False:
@@ -80,12 +80,12 @@ class Worker:
         if not decision.frontal_chest:
             return self._skip(uid, decision)
         source = prepare_source(ds)
-        segmentation = build_segmentation(source, seg, self.algorithm, analysis_started)
-        report = build_report(source, segmentation, seg, self.algorithm, analysis_started)
+        segmentation = build_segmentation(source, seg, self.algorithm, received)
+        report = build_report(source, segmentation, seg, self.algorithm, received)
         outputs = [("SEG", segmentation), ("SR", report)]
         if self.config.secondary_capture:
             shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
-            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, analysis_started)))
+            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received)))
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
                 f"{ds.get('PhotometricInterpretation', '')}") if seg.inverted else None

@@ -90,6 +90,11 @@ class Segmentation:
     def left_opacity_pct(self) -> float:
         return self.opacity_pct_of(self.lungs == LEFT)
 
+    def zone_masks(self) -> dict[str, np.ndarray]:
+        """Brixia zone letter -> its lung pixels (upper/middle/lower third of its lung, model/lungs.py)."""
+        zones = zone_map(self.lungs)
+        return {letter: zones == index for index, letter in enumerate(ZONES, start=1)}
+
 
 def _largest_components(mask: np.ndarray) -> np.ndarray:
     """Keep the largest connected component: stray specks are not lung."""

@@ -4,6 +4,9 @@ The masks are drawn here (two lung rectangles, opacity in the right lung only): 
 under test, the DICOM is."""
 from __future__ import annotations
 
+import html
+import io
+import re
 import subprocess
 from datetime import datetime, timezone
 
@@ -14,12 +17,12 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.outputs.capture import build_capture
-from dicom_node.outputs.codes import OPACITY_PERCENT
+from dicom_node.outputs.codes import BRIXIA_GLOBAL_SCORE, OPACITY, OPACITY_PERCENT, ZONE_SITES
 from dicom_node.outputs.identity import Algorithm
 from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
-from model.infer import LEFT, RIGHT, Segmentation
+from model.infer import LEFT, RIGHT, ZONE_NAMES, Segmentation
 
 ALGORITHM = Algorithm("test model", "9.9.9")
 STARTED = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
@@ -102,7 +105,7 @@ def test_every_header_variant_gives_valid_projection_results_with_areas_only_whe
         [ds.SOPInstanceUID], segment_numbers=[1, 2, 3])[0]
     assert (masks[..., 0] == (seg.lungs == RIGHT)).all() and (masks[..., 2] == seg.opacity).all()
 
-    groups = hd.sr.Comprehensive3DSR.from_dataset(report).content.get_planar_roi_measurement_groups()
+    groups = hd.sr.ComprehensiveSR.from_dataset(report).content.get_planar_roi_measurement_groups()
     areas = {g.tracking_identifier: g.get_measurements(name=codes.SCT.Area) for g in groups}
     pixel_area = VARIANTS[variant]
     if pixel_area is None:
@@ -113,40 +116,139 @@ def test_every_header_variant_gives_valid_projection_results_with_areas_only_whe
         assert float(right.value) == pytest.approx((seg.lungs == RIGHT).sum() * pixel_area, rel=1e-4)
 
 
+def sr_groups(report) -> list:
+    return hd.sr.ComprehensiveSR.from_dataset(report).content.get_planar_roi_measurement_groups()
+
+
 def test_the_sr_groups_reference_their_segments_by_frame_tracking_uid_and_laterality(radiograph):
     seg, segmentation, report, _ = build_all(radiograph)
-    groups = {g.tracking_identifier: g for g in
-              hd.sr.Comprehensive3DSR.from_dataset(report).content.get_planar_roi_measurement_groups()}
+    reading = hd.seg.Segmentation.from_dataset(segmentation)
+    by_tracking_uid = {}
+    for group in sr_groups(report):
+        by_tracking_uid.setdefault(group.tracking_uid, []).append(group)
     for segment in segmentation.SegmentSequence:
-        group = groups[segment.SegmentLabel]
-        assert group.tracking_uid == segment.TrackingUID
-        frame = group.referenced_segmentation_frame[0].ReferencedSOPSequence[0]  # TID 1410: frame k = segment k
+        groups = by_tracking_uid[segment.TrackingUID]  # the segment's figures, and its outline
+        referencing = [g for g in groups if g.referenced_segmentation_frame]
+        assert len(referencing) == 1 and any(g.roi for g in groups), segment.SegmentLabel
+        frame = referencing[0].referenced_segmentation_frame[0].ReferencedSOPSequence[0]  # TID 1410: frame k = segment k
         assert frame.ReferencedSOPInstanceUID == segmentation.SOPInstanceUID
         assert int(frame.ReferencedFrameNumber) == segment.SegmentNumber and "ReferencedSegmentNumber" not in frame
-        assert group.finding_type == codes.SCT.Lung or segment.SegmentLabel == "Opacity (AI)"
     # opacity only in the right lung: the opacity group and segment say right, not bilateral
-    opacity_site = groups["Opacity (AI)"].finding_sites[0]
-    assert opacity_site.laterality == codes.SCT.Right
+    opacity_group = next(g for g in by_tracking_uid[segmentation.SegmentSequence[2].TrackingUID]
+                         if g.referenced_segmentation_frame)
+    assert opacity_group.finding_sites[0].laterality == codes.SCT.Right
     opacity_segment = segmentation.SegmentSequence[2]
     assert opacity_segment.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeValue == codes.SCT.Right.value
-    assert segmentation.SegmentSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == codes.SCT.Right.value
-    assert segmentation.SegmentSequence[1].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == codes.SCT.Left.value
-    opacity_pct = float(groups["Opacity (AI)"].get_measurements(name=OPACITY_PERCENT)[0].value)
-    assert opacity_pct == pytest.approx(seg.opacity_pct, abs=0.01)
-    zones = hd.sr.Comprehensive3DSR.from_dataset(report).content.get_image_measurement_groups()[0]
-    by_zone = {}
-    for measurement in zones.get_measurements():  # zone order A-F; site laterality and zone name per item
-        by_zone.setdefault(measurement.name.meaning, []).append(float(measurement.value))
-    assert by_zone["Opacity percentage of lung area"] == [seg.zone_opacity_pct[z] for z in "ABCDEF"]
-    assert by_zone["Expected opacity percentage of zone"] == [seg.zone_opacity_score[z] for z in "ABCDEF"]
-    assert by_zone["Brixia zone score"] == [seg.brixia[z] for z in "ABCDEF"]
-    assert by_zone["Brixia global score"] == [seg.brixia_global]
+    for number, side in ((1, codes.SCT.Right), (2, codes.SCT.Left)):  # PS3.3 C.8.20.2: inside the property type's item
+        description = reading.get_segment_description(number)
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in description
+        modifier = description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+        assert (modifier.CodeValue, modifier.CodingSchemeDesignator) == (side.value, side.scheme_designator)
 
 
-def test_the_same_input_gives_the_same_uids_and_one_series_per_source_series(radiograph):
+def lung_share(seg: Segmentation, site) -> float | None:
+    """The opacity % of the lung(s) a finding site names, from the masks; None for a zone's site."""
+    lateral = site.laterality if hasattr(site, "laterality") else None
+    if site.value == codes.SCT.Lung:
+        region = {codes.SCT.Right: seg.lungs == RIGHT, codes.SCT.Left: seg.lungs == LEFT}.get(lateral, seg.lungs > 0)
+        return seg.opacity_pct_of(region)
+    return {"3341006": seg.right_opacity_pct, "44029006": seg.left_opacity_pct}.get(site.value.value)
+
+
+def test_every_percentage_of_a_lung_in_the_sr_is_the_share_of_the_lung_its_finding_site_names(radiograph):
+    seg, _, report, _ = build_all(radiograph)
+    checked = 0
+    for group in sr_groups(report):
+        for measurement in group.get_measurements(name=OPACITY_PERCENT):
+            site = (measurement.finding_sites or group.finding_sites)[0]
+            if group.tracking_identifier.startswith("Opacity region"):  # a region's share of its lung
+                lung = seg.lungs == (RIGHT if lung_share(seg, site) == seg.right_opacity_pct else LEFT)
+                assert float(measurement.value) <= lung_share(seg, site) + 0.01
+                continue
+            expected = lung_share(seg, site)
+            if expected is not None:
+                assert float(measurement.value) == pytest.approx(expected, abs=0.01), (group.tracking_identifier, site.value)
+                checked += 1
+    assert checked >= 6  # summary (both, right, left), each lung, the opacity segment
+
+
+def test_the_sr_opens_with_the_summary_and_outlines_every_finding_so_viewers_can_draw_it(radiograph):
+    seg, _, report, _ = build_all(radiograph)
+    groups = sr_groups(report)
+    summary = groups[0]
+    assert summary.tracking_identifier == "Opacity 10.0 % of both lungs (right 20 %, left 0.0 %), mild; Brixia 7/18"
+    evaluations = {e.name.meaning: e.value for e in summary.get_qualitative_evaluations()}
+    assert evaluations == {"Opacity": codes.SCT.Present, "Severity (attribute)": codes.SCT.Mild}
+    assert float(summary.get_measurements(name=BRIXIA_GLOBAL_SCORE)[0].value) == seg.brixia_global
+    for tracking_uid in {g.tracking_uid for g in groups}:  # OHIF 3.13 joins groups by Tracking UID and needs an outline
+        outlined = [g.roi for g in groups if g.tracking_uid == tracking_uid and g.roi]
+        assert outlined, tracking_uid
+        for region in outlined:
+            points = region.value
+            assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE and (points[0] == points[-1]).all()
+            assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == radiograph.SOPInstanceUID
+    right_outline = next(g.roi.value for g in groups if g.tracking_identifier == "Right lung outline")
+    rows, cols = np.nonzero(seg.lungs == RIGHT)  # the drawn rectangle, to the pixel edges
+    assert right_outline[:, 0].min() == pytest.approx(cols.min(), abs=1) and right_outline[:, 0].max() == pytest.approx(cols.max() + 1, abs=1)
+    assert right_outline[:, 1].min() == pytest.approx(rows.min(), abs=1) and right_outline[:, 1].max() == pytest.approx(rows.max() + 1, abs=1)
+    zones = {g.tracking_identifier: g for g in groups if g.tracking_identifier.startswith("Zone ")}
+    assert list(zones) == [f"Zone {z} ({ZONE_NAMES[z]})" for z in "ABCDEF"]
+    for letter, group in zip("ABCDEF", zones.values()):
+        values = {m.name.meaning: float(m.value) for m in group.get_measurements()}
+        assert values == {"Opacity percentage of lung area": seg.zone_opacity_pct[letter],
+                          "Expected opacity percentage of zone": seg.zone_opacity_score[letter],
+                          "Brixia zone score": seg.brixia[letter]}
+        site = group.finding_sites[0]
+        assert (site.value, site.laterality) == ZONE_SITES[letter]
+
+
+def test_a_film_without_opacity_has_no_opacity_group_and_says_absent(radiograph):
+    ds = radiograph
+    seg = drawn_segmentation((ds.Rows, ds.Columns))
+    seg.opacity[:] = False
+    source = prepare_source(ds)
+    segmentation = build_segmentation(source, seg, ALGORITHM, STARTED)
+    groups = sr_groups(build_report(source, segmentation, seg, ALGORITHM, STARTED))
+    assert not any(g.finding_type == OPACITY and g.tracking_uid == segmentation.SegmentSequence[2].TrackingUID
+                   for g in groups)
+    assert [e.value for e in groups[0].get_qualitative_evaluations()] == [codes.SCT.Absent]
+
+
+def test_dsr2html_prints_every_figure_with_its_name(radiograph, tmp_path):
+    """Many PACS show an SR as text; DCMTK's renderer stands in for them."""
+    seg, _, report, _ = build_all(radiograph)
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    page = subprocess.run(["dsr2html", str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=True).stdout
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+    summary = text.split('Tracking Identifier = "Right lung"')[0]  # the first group, before any other
+    for figure in ("Opacity percentage of lung area: 9.98 %", "Opacity percentage of lung area: 19.97 % "
+                   "Concept Modifier : Finding Site = Right lung", "Opacity percentage of lung area: 0.0 % "
+                   "Concept Modifier : Finding Site = Left lung", "Brixia global score: 7", "Opacity: Present",
+                   "Severity (attribute): Mild"):
+        assert figure in summary, figure
+    for letter in "ABCDEF":
+        zone = text.split(f'Tracking Identifier = "Zone {letter} ({ZONE_NAMES[letter]})"')[1].split("Measurement Group")[0]
+        assert f"Brixia zone score: {seg.brixia[letter]}" in zone, letter
+        assert f"Opacity percentage of lung area: {seg.zone_opacity_pct[letter]:.1f} %" in zone, letter
+
+
+def test_seg_segment_descriptions_carry_the_figures(radiograph):
+    _, segmentation, _, _ = build_all(radiograph)
+    assert [s.SegmentDescription for s in segmentation.SegmentSequence] == [
+        "Right lung: opacity 20 %; Brixia A0 B1 C2", "Left lung: opacity 0.0 %; Brixia D3 E0 F1",
+        "Opacity 10.0 % of both lungs (R 20 %, L 0.0 %); Brixia 7/18"]
+
+
+def encoded(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_same_input_gives_the_same_bytes_and_one_series_per_source_series(radiograph):
     first, second = build_all(radiograph)[1:], build_all(radiograph)[1:]
-    for a, b in zip(first, second):
-        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    for a, b in zip(first, second):  # a re-run, e.g. after a crash: byte for byte the same result
+        assert encoded(a) == encoded(b), a.Modality
     sibling = radiograph.copy()
     sibling.SOPInstanceUID = pydicom.uid.generate_uid()  # another image of the same series
     third = build_all(sibling)[1:]
@@ -170,7 +272,7 @@ def test_the_secondary_capture_header_follows_its_source(radiograph):
                         "StudyInstanceUID"):
             assert result.get(keyword) == ds.get(keyword), (result.Modality, keyword)
         assert result.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSP-B"
-    assert "Laterality" not in capture
+    assert "Laterality" not in capture and capture.BodyPartExamined == ds.BodyPartExamined
     assert capture.ConversionType == "WSD" and capture.BurnedInAnnotation == "YES"
     assert capture.LossyImageCompression == "01" and float(capture.LossyImageCompressionRatio) == 10
 

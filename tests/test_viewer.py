@@ -177,3 +177,54 @@ def test_ohif_lists_the_seg_and_draws_its_overlay_on_the_radiograph(processed_st
         browser.close()
     assert seg_listed >= 1 and not errors, errors
     assert colour_fraction(before) < 0.005 and colour_fraction(after) > 0.05, (colour_fraction(before), colour_fraction(after))
+
+
+def test_ohif_draws_the_sr_outlines_and_lists_the_opacity_and_brixia_figures(processed_study, viewer, tmp_path):
+    """The SR opened as a radiologist opens it: its outlines drawn on the radiograph, and the figures
+    (opacity % of both lungs and of each lung, Brixia global) listed with their values."""
+    from playwright.sync_api import sync_playwright
+    pacs, study_uid = processed_study
+    summary = processed_study_summary(pacs)
+    shots = Path(os.environ.get("CXR_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-gl=swiftshader"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study_uid}")
+        page.wait_for_selector("canvas", timeout=120_000)
+        for dismiss in ("Skip all", "Confirm and hide"):
+            button = page.get_by_text(dismiss, exact=True)
+            if button.count():
+                button.first.click()
+        page.wait_for_timeout(3000)
+        viewport = {"x": 300, "y": 60, "width": 1050, "height": 820}
+        before = page.screenshot(clip=viewport)
+        series = page.get_by_text("AI opacity measurements", exact=False).first
+        series.wait_for(timeout=60_000)
+        series.dblclick()  # open the SR series
+
+        def figures_listed() -> str | None:
+            page.screenshot(path=str(shots / "ohif-sr.png"))  # the last state, should the wait fail
+            text = page.inner_text("body")
+            return text if summary["percent"] in text and summary["brixia"] in text else None
+        text = wait_for(figures_listed, 150, 1, "the SR's figures on the page")
+        after = wait_for(lambda: (shot := page.screenshot(clip=viewport)) and colour_fraction(shot) > 0.002 and shot,
+                         30, 1, "the SR outlines to be drawn")
+        page.screenshot(path=str(shots / "ohif-sr.png"))
+        browser.close()
+    assert not errors, errors
+    assert "Opacity percentage of lung area" in text and "Brixia global score" in text
+    assert colour_fraction(after) > colour_fraction(before) + 0.001, (colour_fraction(before), colour_fraction(after))
+
+
+def processed_study_summary(pacs) -> dict:
+    """The figures OHIF is to show, read from the SR that Orthanc holds (OHIF writes two decimals)."""
+    import highdicom as hd
+    from dicom_node.outputs.codes import BRIXIA_GLOBAL_SCORE, OPACITY_PERCENT
+    report = pydicom.dcmread(io.BytesIO(pacs.file(pacs.instances("SR")[0]["id"])))
+    summary = hd.sr.ComprehensiveSR.from_dataset(report).content.get_planar_roi_measurement_groups()[0]
+    percent = float(summary.get_measurements(name=OPACITY_PERCENT)[0].value)
+    brixia = float(summary.get_measurements(name=BRIXIA_GLOBAL_SCORE)[0].value)
+    return {"percent": f"{percent:.2f} %", "brixia": f"{brixia:.2f}"}

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
+from dicom_node.outputs import summary
 from dicom_node.outputs.identity import Algorithm, finish_header, result_identity
 from dicom_node.outputs.segments import SEGMENTS
 from model.image import normalize_gray
@@ -28,7 +29,7 @@ def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
         contours, _ = cv2.findContours(segment.mask(seg).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(picture, contours, -1, segment.rgb, thickness)
     scale = max(gray.shape) / 1400
-    lines = [f"Opacity {seg.opacity_pct:.1f}% of lung area (R {seg.right_opacity_pct:.1f}%, L {seg.left_opacity_pct:.1f}%)"]
+    lines = [summary.sentence(seg).split("; ")[0]]
     if seg.brixia:
         lines.append(f"Brixia {seg.brixia_global}/18 (A-F: {' '.join(str(seg.brixia[z]) for z in ZONES)})")
     lines.append(NOTICE)
@@ -47,10 +48,12 @@ def build_capture(source: pydicom.Dataset, gray: np.ndarray, seg: Segmentation, 
         patient_orientation=("L", "F"),  # highdicom insists on one; replaced by the source's below
         contributing_equipment=[algorithm.contributing_equipment(started)])
     capture.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C: copied, else empty
-    if "Laterality" in capture:  # Type 2C, required for paired body parts only: a chest is not one
+    # Laterality (Type 2C) is for paired body parts; a validator can only tell that it is not needed
+    # from Body Part Examined. The node has found a chest in the image (its filter), so the SC says so
+    # where its source did not, and carries no laterality.
+    capture.BodyPartExamined = source.get("BodyPartExamined") or "CHEST"
+    if "Laterality" in capture:
         del capture.Laterality
-    if "BodyPartExamined" in source:  # which tells a validator that no laterality is needed
-        capture.BodyPartExamined = source.BodyPartExamined
     capture.ImageType = ["DERIVED", "SECONDARY"]
     capture.ConversionType = "WSD"  # made on a workstation from another image
     capture.BurnedInAnnotation = "YES"

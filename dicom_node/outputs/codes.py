@@ -9,6 +9,9 @@ LUNG = codes.SCT.Lung  # SCT 39607008; right and left by a laterality modifier, 
 OPACITY = codes.DCM.Opacity  # DCM 112001
 LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left, "bilateral": codes.SCT.Bilateral}
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+# A measurement of one lung names that lung with SNOMED's own concept, so text renderers print the
+# side beside the value (a laterality modifier is a nested item they move to an annex).
+ONE_LUNG = {"right": Code("3341006", "SCT", "Right lung"), "left": Code("44029006", "SCT", "Left lung")}
 
 # No standard code exists for "opacity area as a percentage of lung area": a private scheme, as
 # DICOM PS3.16 allows (designators starting with 99 are private).

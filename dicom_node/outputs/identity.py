@@ -85,7 +85,9 @@ def result_identity(source: pydicom.Dataset, kind: str, algorithm: Algorithm) ->
 
 def finish_header(result: pydicom.Dataset, source: pydicom.Dataset, kind: str, started: datetime) -> None:
     """What every result shares: the source's patient and study attributes, the series description,
-    and content date/time = the start of the analysis (IHE AI Results)."""
+    and content and instance creation date/time = `started`, the time the node received the source:
+    a re-run of the same source (after a crash, or `cxr-node retry`) writes the same bytes under the
+    same SOP Instance UID."""
     for keyword in PATIENT_AND_STUDY:
         if keyword in source:
             result[keyword] = copy.deepcopy(source[keyword])
@@ -93,3 +95,8 @@ def finish_header(result: pydicom.Dataset, source: pydicom.Dataset, kind: str, s
         result.SpecificCharacterSet = source.SpecificCharacterSet
     result.SeriesDescription = RESULT_SERIES[kind][1]
     result.ContentDate, result.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
+    result.InstanceCreationDate, result.InstanceCreationTime = result.ContentDate, result.ContentTime
+    for equipment in result.get("ContributingEquipmentSequence", []):  # highdicom's own item says "now"
+        equipment.ContributionDateTime = started.strftime("%Y%m%d%H%M%S.%f%z")
+    if "TimeOfSecondaryCapture" in result:
+        result.DateOfSecondaryCapture, result.TimeOfSecondaryCapture = result.ContentDate, result.ContentTime

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 
 from dicom_node.outputs.codes import LATERALITY, LUNG
-from dicom_node.outputs.identity import Algorithm, finish_header, lo, result_identity
+from dicom_node.outputs.identity import Algorithm, derived_uid, finish_header, lo, result_identity
 from dicom_node.outputs.segments import SEGMENTS
 from dicom_node.outputs.source import SPACINGS
 
@@ -50,12 +50,13 @@ def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Al
             anatomic_regions=None if segment.property_type == LUNG else [LUNG],
             display_color=hd.color.CIELabColor.from_rgb(*segment.rgb))
         laterality = segment.laterality(seg)
-        if laterality:  # which lung(s): a laterality modifier (CID 244) of the lung or the opacity's region
+        if laterality:  # which lung(s): a laterality modifier (CID 244) inside the lung's or the opacity region's code item
             modifier = [hd.sr.CodedConcept.from_code(LATERALITY[laterality])]
             if segment.property_type == LUNG:
-                description.SegmentedPropertyTypeModifierCodeSequence = modifier
+                description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = modifier
             else:
                 description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = modifier
+        description.SegmentDescription = lo(segment.description(seg))  # the figures, in any viewer's segment list
         descriptions.append(description)
     # Spacing and orientation are added below for the viewers, or not at all (see the module docstring).
     pixel_grid_only = pydicom.Dataset()
@@ -77,5 +78,10 @@ def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Al
         orientation.ImageOrientationPatient = orientation_of(source.get("PatientOrientation"))
         shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
         result.SharedFunctionalGroupsSequence = [shared]
+    # Same source, same bytes: the dimension organisation is named after the SEG, not drawn at random.
+    organisation_uid = derived_uid(result.SOPInstanceUID, "dimension-organization")
+    result.DimensionOrganizationSequence[0].DimensionOrganizationUID = organisation_uid
+    for index in result.DimensionIndexSequence:
+        index.DimensionOrganizationUID = organisation_uid
     finish_header(result, source, "SEG", started)
     return result

@@ -11,7 +11,8 @@ from pydicom.sr.coding import Code
 
 from dicom_node.outputs.codes import LUNG, OPACITY
 from dicom_node.outputs.identity import Algorithm, derived_uid
-from model.infer import LEFT, RIGHT, Segmentation
+from dicom_node.outputs.summary import percent
+from model.infer import LEFT, RIGHT, ZONES, Segmentation
 
 
 def opacity_laterality(seg: Segmentation) -> str | None:
@@ -33,6 +34,17 @@ class Segment:
     def tracking_uid(self, source_uid: str, algorithm: Algorithm) -> str:
         """Shared by the SEG segment and the SR measurement group that describes it."""
         return derived_uid(source_uid, f"segment-{self.number}", algorithm.version)
+
+    def description(self, seg: Segmentation) -> str:
+        """What the segment list of a viewer shows beside the label: the segment's figures, e.g.
+        'Opacity 24 % of both lungs (R 12 %, L 38 %); Brixia 7/18' or 'Right lung: opacity 12 %; Brixia A1 B2 C0'."""
+        if self.property_type == OPACITY:
+            text = (f"Opacity {percent(seg.opacity_pct)} of both lungs (R {percent(seg.right_opacity_pct)}, "
+                    f"L {percent(seg.left_opacity_pct)})")
+            return text + (f"; Brixia {seg.brixia_global}/18" if seg.brixia else "")
+        text = f"{self.label}: opacity {percent(self.opacity_pct(seg))}"
+        zones = ZONES[:3] if self.laterality(seg) == "right" else ZONES[3:]
+        return text + (f"; Brixia {' '.join(f'{z}{seg.brixia[z]}' for z in zones)}" if seg.brixia else "")
 
     def opacity_pct(self, seg: Segmentation) -> float:
         """Opacity % of this lung; of both lungs for the opacity segment."""

@@ -1,79 +1,178 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) of one radiograph.
+"""TID 1500 Measurement Report (Comprehensive SR: 2D image coordinates only) of one radiograph.
 
-One TID 1410 planar ROI group per SEG segment (right lung, left lung, opacity), each referencing its
-segmentation frame and sharing the segment's Tracking UID: the opacity % of that region and, only
-when the source's pixel size in the patient is known, its area in mm² with the calibration stated.
-Then one group with the opacity % and the expected opacity % of each Brixia zone and the Brixia scores."""
+Groups, in the order a radiologist reads them (TID 1410 planar ROIs, each region an outline on the source
+image, so viewers such as OHIF draw them and list their values):
+1. the summary: the lungs' box; tracking identifier = the summary sentence ("Opacity 41 % of both lungs
+   (right 41 %, left 41 %), moderate; Brixia 5/18"); opacity present/absent and severity as qualitative
+   evaluations; the opacity % of both lungs and of each, and the Brixia global score;
+2. each SEG segment (right lung, left lung, opacity when found): one group referencing its SEG frame with
+   the segment's figures and the segment's Tracking UID, and one group with the same Tracking UID whose
+   region is the segment's outline, so that a reader that follows tracking UIDs, as OHIF does, joins the
+   figures to the outline; for the opacity, its regions (the largest with the segment's Tracking UID),
+   each with its share of the lung it lies in;
+3. Brixia zones A-F, each outlined and named ("Zone A (right upper)"), with its opacity %, expected
+   opacity % and Brixia score.
+Every percentage's finding site (its own, else its group's) names the lung(s) it is a share of. Areas in
+mm² only when the source's pixel size in the patient is known, with the calibration stated. Containers
+are SEPARATE, so text renderers print each value with its name."""
 from __future__ import annotations
 
 from datetime import datetime
 
+import cv2
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from dicom_node.outputs import summary
 from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, EXPECTED_OPACITY_PERCENT, LATERALITY,
-                                      LUNG, OPACITY, OPACITY_PERCENT, PLAIN_CHEST_XRAY, SCORE_UNIT, ZONE_SITES,
+                                      LUNG, ONE_LUNG, OPACITY, OPACITY_PERCENT, PLAIN_CHEST_XRAY, SCORE_UNIT, ZONE_SITES,
                                       private_scheme_identification)
 from dicom_node.outputs.identity import MANUFACTURER, Algorithm, derived_uid, finish_header, lo, result_identity
+from dicom_node.outputs.outlines import box, outlines
 from dicom_node.outputs.segments import SEGMENTS
 from dicom_node.outputs.source import calibration
-from model.infer import ZONES, Segmentation
+from model.infer import LEFT, RIGHT, ZONE_NAMES, ZONES, Segmentation
+
+# Opacity regions listed one by one: the largest ones, down to 0.5 % of the lungs (the SEG holds every pixel).
+MAX_OPACITY_REGIONS = 8
+MIN_REGION_SHARE = 0.005
+LUNG_SIDES = {RIGHT: "right", LEFT: "left"}
 
 
-def _percent(value: float, finding_sites=None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=OPACITY_PERCENT, value=round(value, 2), unit=codes.UCUM.Percent,
-                             finding_sites=finding_sites)
+def _percent(value: float, laterality: str | None = None) -> hd.sr.Measurement:
+    """An opacity % of the lung(s) named by `laterality` (None: those of its group)."""
+    sites = None
+    if laterality in ONE_LUNG:
+        sites = [hd.sr.FindingSite(ONE_LUNG[laterality])]
+    elif laterality:
+        sites = [hd.sr.FindingSite(LUNG, laterality=LATERALITY[laterality])]
+    return hd.sr.Measurement(name=OPACITY_PERCENT, value=round(value, 2), unit=codes.UCUM.Percent, finding_sites=sites)
+
+
+class _ReportBuilder:
+    def __init__(self, source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
+                 algorithm: Algorithm):
+        self.source, self.segmentation, self.seg, self.algorithm = source, segmentation, seg, algorithm
+        self.calibrated = calibration(source)
+        parameters = [f"pixel size {self.calibrated.row_mm:g} x {self.calibrated.column_mm:g} mm from "
+                      f"{self.calibrated.basis}"] if self.calibrated else ["no pixel size in the patient plane known: no areas"]
+        self.algorithm_id = hd.sr.AlgorithmIdentification(name=lo(algorithm.name), version=lo(algorithm.version),
+                                                          parameters=parameters)
+
+    def uid(self, part: str) -> str:
+        return derived_uid(self.source.SOPInstanceUID, part, self.algorithm.version)
+
+    def area(self, mask: np.ndarray) -> list[hd.sr.Measurement]:
+        if not self.calibrated:
+            return []
+        return [hd.sr.Measurement(name=codes.SCT.Area, unit=codes.UCUM.SquareMillimeter,
+                                  value=round(int(mask.sum()) * self.calibrated.pixel_area_mm2, 2))]
+
+    def region_group(self, uid: str, identifier: str, polyline: np.ndarray, finding_type, sites, measurements=(),
+                     evaluations=()) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+        region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polyline,
+                                   source_image=hd.sr.SourceImageForRegion(self.source.SOPClassUID,
+                                                                           self.source.SOPInstanceUID))
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier), referenced_region=region,
+            finding_type=finding_type, finding_sites=sites, algorithm_id=self.algorithm_id,
+            measurements=list(measurements) or None, qualitative_evaluations=list(evaluations) or None)
+
+    def summary_group(self):
+        seg = self.seg
+        evaluations = [hd.sr.QualitativeEvaluation(OPACITY, summary.presence(seg))]
+        if summary.severity(seg):
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Severity, summary.severity(seg)))
+        measurements = [_percent(seg.opacity_pct), _percent(seg.right_opacity_pct, "right"),
+                        _percent(seg.left_opacity_pct, "left")]
+        if seg.brixia:
+            measurements.append(hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT))
+        lungs = seg.lungs > 0
+        return self.region_group(self.uid("summary"), summary.sentence(seg), box(lungs if lungs.any() else ~lungs),
+                                 OPACITY, [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements,
+                                 evaluations)
+
+    def segment_groups(self):
+        """Per non-empty SEG segment: its figures referencing its SEG frame, and its outline, one Tracking UID."""
+        seg = self.seg
+        segmentation_source = hd.sr.SourceImageForSegmentation(self.source.SOPClassUID, self.source.SOPInstanceUID)
+        groups = []
+        for segment in SEGMENTS:
+            mask = segment.mask(seg)
+            shapes = outlines(mask)
+            if not shapes:  # nothing to outline or measure (no opacity found)
+                continue
+            laterality = segment.laterality(seg)
+            sites = [hd.sr.FindingSite(LUNG, laterality=LATERALITY[laterality] if laterality else None)]
+            uid = segment.tracking_uid(self.source.SOPInstanceUID, self.algorithm)
+            if segment.property_type == OPACITY:  # where the opacity is; its share of both lungs
+                measurements = [_percent(seg.opacity_pct, "bilateral")]
+            else:
+                measurements = [_percent(segment.opacity_pct(seg), laterality)]
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=segment.label),
+                referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                    sop_class_uid=self.segmentation.SOPClassUID, sop_instance_uid=self.segmentation.SOPInstanceUID,
+                    frame_number=segment.number, segment_number=segment.number, source_image=segmentation_source),
+                finding_type=segment.property_type, finding_sites=sites, algorithm_id=self.algorithm_id,
+                measurements=self.area(mask) + measurements))
+            if segment.property_type == OPACITY:  # its regions; the largest shares the segment's Tracking UID
+                for number, (region, lung) in enumerate(self.opacity_regions(), start=1):
+                    groups.append(self.opacity_region_group(
+                        number, region, lung, uid if number == 1 else self.uid(f"opacity-region-{number}")))
+            else:
+                groups.append(self.region_group(uid, f"{segment.label} outline", shapes[0], LUNG, sites))
+        return groups
+
+    def opacity_regions(self) -> list[tuple[np.ndarray, int]]:
+        """(mask, lung label) of each listed opacity region: the largest, then the next ones down to
+        MIN_REGION_SHARE of the lungs."""
+        count, components, stats, _ = cv2.connectedComponentsWithStats(self.seg.opacity.astype(np.uint8))
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        order = [k + 1 for k in np.argsort(areas)[::-1]
+                 if k == np.argmax(areas) or areas[k] >= MIN_REGION_SHARE * self.seg.lung_area_px]
+        regions = []
+        for label in order[:MAX_OPACITY_REGIONS]:
+            mask = components == label
+            lung = RIGHT if (self.seg.lungs[mask] == RIGHT).sum() >= (self.seg.lungs[mask] == LEFT).sum() else LEFT
+            regions.append((mask, lung))
+        return regions
+
+    def opacity_region_group(self, number: int, mask: np.ndarray, lung: int, uid: str):
+        """Opacity region `number` (1 = largest): its outline, area and share of the lung it lies in."""
+        side = LUNG_SIDES[lung]
+        share = 100.0 * int(mask.sum()) / max(1, int((self.seg.lungs == lung).sum()))
+        return self.region_group(uid, f"Opacity region {number} ({side} lung)", outlines(mask)[0], OPACITY,
+                                 [hd.sr.FindingSite(LUNG, laterality=LATERALITY[side])],
+                                 self.area(mask) + [_percent(share, side)])
+
+    def zone_groups(self):
+        seg, groups = self.seg, []
+        for letter, mask in seg.zone_masks().items():
+            shapes = outlines(mask)
+            if not shapes:
+                continue
+            location, laterality = ZONE_SITES[letter]
+            # the score first: viewers that label an outline print its first few values only
+            measurements = [hd.sr.Measurement(name=BRIXIA_ZONE_SCORE, value=seg.brixia[letter], unit=SCORE_UNIT)] \
+                if seg.brixia else []
+            measurements += [_percent(seg.zone_opacity_pct[letter]),
+                             hd.sr.Measurement(name=EXPECTED_OPACITY_PERCENT, unit=codes.UCUM.Percent,
+                                               value=round(seg.zone_opacity_score[letter], 2))]
+            groups.append(self.region_group(self.uid(f"zone-{letter}"), f"Zone {letter} ({ZONE_NAMES[letter]})",
+                                            shapes[0], OPACITY, [hd.sr.FindingSite(location, laterality=laterality)],
+                                            measurements))
+        return groups
+
+    def groups(self):
+        return [self.summary_group()] + self.segment_groups() + self.zone_groups()
 
 
 def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
-                 algorithm: Algorithm, started: datetime) -> hd.sr.Comprehensive3DSR:
+                 algorithm: Algorithm, started: datetime) -> hd.sr.ComprehensiveSR:
     """`source` as `prepare_source` gives it, but with its spacing attributes (see `calibration`)."""
-    calibrated = calibration(source)
-    parameters = [f"pixel size {calibrated.row_mm:g} x {calibrated.column_mm:g} mm from {calibrated.basis}"] if calibrated \
-        else ["no pixel size in the patient plane known: no areas"]
-    algorithm_id = hd.sr.AlgorithmIdentification(name=lo(algorithm.name), version=lo(algorithm.version),
-                                                 parameters=parameters)
-    source_image = hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)
-    groups = []
-    for segment in SEGMENTS:
-        mask = segment.mask(seg)
-        measurements = [_percent(segment.opacity_pct(seg))]
-        if calibrated:
-            measurements.insert(0, hd.sr.Measurement(name=codes.SCT.Area, unit=codes.UCUM.SquareMillimeter,
-                                                     value=round(int(mask.sum()) * calibrated.pixel_area_mm2, 2)))
-        laterality = segment.laterality(seg)
-        site = hd.sr.FindingSite(LUNG, laterality=LATERALITY[laterality] if laterality else None)
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.tracking_uid(source.SOPInstanceUID, algorithm),
-                                                         identifier=segment.label),
-            referenced_segment=hd.sr.ReferencedSegmentationFrame(
-                sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
-                frame_number=segment.number, segment_number=segment.number, source_image=source_image),
-            finding_type=segment.property_type, finding_sites=[site], algorithm_id=algorithm_id,
-            measurements=measurements))
-
-    zone_measurements = []
-    for letter in ZONES:
-        location, laterality = ZONE_SITES[letter]
-        site = [hd.sr.FindingSite(location, laterality=laterality)]
-        zone_measurements.append(_percent(seg.zone_opacity_pct[letter], site))
-        zone_measurements.append(hd.sr.Measurement(name=EXPECTED_OPACITY_PERCENT, unit=codes.UCUM.Percent,
-                                                   value=round(seg.zone_opacity_score[letter], 2), finding_sites=site))
-        if seg.brixia:
-            zone_measurements.append(hd.sr.Measurement(name=BRIXIA_ZONE_SCORE, value=seg.brixia[letter],
-                                                       unit=SCORE_UNIT, finding_sites=site))
-    if seg.brixia:
-        zone_measurements.append(hd.sr.Measurement(
-            name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT,
-            finding_sites=[hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])]))
-    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(source.SOPInstanceUID, "zones", algorithm.version),
-            identifier="Opacity by lung zone (upper/middle/lower thirds)"),
-        finding_type=OPACITY, algorithm_id=algorithm_id, measurements=zone_measurements,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)]))
-
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -81,23 +180,27 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
             model_name=lo(algorithm.name)))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
-    result = hd.sr.Comprehensive3DSR(
+        procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=_ReportBuilder(source, segmentation, seg,
+                                                                                 algorithm).groups())
+    result = hd.sr.ComprehensiveSR(
         evidence=[source, segmentation], content=report, **result_identity(source, "SR", algorithm),
         is_complete=True, is_final=False, is_verified=False,  # IHE AI Results: UNVERIFIED
         contributing_equipment=[algorithm.contributing_equipment(started)])
     result.CodingSchemeIdentificationSequence = [private_scheme_identification()]
     finish_header(result, source, "SR", started)
-    _frame_references_only(result.ContentSequence)
+    result.ContinuityOfContent = "SEPARATE"
+    _separate_items(result.ContentSequence)
     return result
 
 
-def _frame_references_only(content: pydicom.Sequence) -> None:
-    """A reference to a segmentation frame names the frame, not also the segment (PS3.3 C.10.4:
-    Referenced Segment Number only when segments rather than frames are referenced). highdicom writes
-    both; frame k holds segment k, so nothing is lost."""
+def _separate_items(content: pydicom.Sequence) -> None:
+    """Containers hold separate items, not continuous prose (so renderers name each value); and a
+    reference to a segmentation frame names the frame, not also the segment (PS3.3 C.10.4: Referenced
+    Segment Number only when segments rather than frames are referenced; frame k holds segment k)."""
     for item in content:
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
         for reference in item.get("ReferencedSOPSequence", []):
             if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
                 del reference.ReferencedSegmentNumber
-        _frame_references_only(item.get("ContentSequence", []))
+        _separate_items(item.get("ContentSequence", []))

@@ -1,0 +1,40 @@
+"""What a radiologist reads in five seconds, worded once for every result: the qualitative
+evaluations (opacity present or absent, its severity) and the key figures in one sentence. The SR opens
+with it, the SEG's segment descriptions and the Secondary Capture repeat it."""
+from __future__ import annotations
+
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from model.infer import Segmentation
+
+# Opacity counts as present from 5 % of the lung area: 91 % of COVID-QU-Ex normals read below it
+# (model card), so a lower cut would call one normal film in ten abnormal.
+PRESENT_FROM_PCT = 5.0
+# Severity by the share of both lungs involved, on the bands of the geographic extent score
+# (Cohen et al. 2020: <25 %, 25-50 %, >50 % of a lung), which the opacity % is read against.
+SEVERITY_BANDS = ((25.0, codes.SCT.Mild), (50.0, codes.SCT.Moderate), (float("inf"), codes.SCT.Severe))
+
+
+def percent(value: float) -> str:
+    """A percentage as a reader wants it: whole numbers, one decimal below 10 %."""
+    return f"{value:.0f} %" if value >= 10 else f"{value:.1f} %"
+
+
+def presence(seg: Segmentation) -> Code:
+    return codes.SCT.Present if seg.opacity_pct >= PRESENT_FROM_PCT else codes.SCT.Absent
+
+
+def severity(seg: Segmentation) -> Code | None:
+    """Mild / moderate / severe; None when opacity is absent."""
+    if presence(seg) == codes.SCT.Absent:
+        return None
+    return next(code for upper, code in SEVERITY_BANDS if seg.opacity_pct < upper)
+
+
+def sentence(seg: Segmentation) -> str:
+    """E.g. 'Opacity 41 % of both lungs (right 41 %, left 41 %), moderate; Brixia 5/18'."""
+    grade = severity(seg)
+    text = (f"Opacity {percent(seg.opacity_pct)} of both lungs (right {percent(seg.right_opacity_pct)}, "
+            f"left {percent(seg.left_opacity_pct)}), {grade.meaning.lower() if grade else 'absent'}")
+    return text + (f"; Brixia {seg.brixia_global}/18" if seg.brixia else "")
