@@ -20,6 +20,7 @@ def cmd_serve(args) -> int:
 
 def cmd_status(args) -> int:
     import json
+    from collections import Counter
     from dataclasses import asdict
 
     from dicom_node.queue import open_queue
@@ -38,7 +39,9 @@ def cmd_status(args) -> int:
         if job is None:
             print(f"cxr-node status: unknown SOP Instance UID {args.uid}", file=sys.stderr)
             return 1
-        report = asdict(job)
+        results = queue.results_of(args.uid)  # 'done' is the analysis; these say what became of its results
+        report = {**asdict(job), "delivery": dict(Counter(str(r.state) for r in results)),
+                  "results": [asdict(r) for r in results]}
     print(json.dumps(report, indent=1, default=str))
     return 0
 

@@ -15,7 +15,7 @@ import threading
 import pydicom
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
-                         JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
+                         JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless, UID)
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
@@ -25,7 +25,7 @@ from dicom_node.config import Config, TLSSettings
 from dicom_node.logs import log
 from dicom_node.metrics import RECEIVED
 from dicom_node.queue import Queue, QueueUnavailable
-from dicom_node.spool import SAFE_NAME, Spool
+from dicom_node.spool import Spool
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
@@ -37,7 +37,7 @@ CANNOT_UNDERSTAND = 0xC000
 
 def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str) -> tuple[int, str] | None:
     """A DIMSE error status and its reason when the data set contradicts its C-STORE request or
-    lacks what every result needs; None when it can be kept."""
+    lacks what every result needs (valid Study and Series Instance UIDs); None when it can be kept."""
     try:
         own_uid, own_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -51,6 +51,9 @@ def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str) -> tuple[in
             else "data set has no SOP Class UID"
     if not study or not series:
         return DOES_NOT_MATCH_SOP_CLASS, "data set has no Study or Series Instance UID"
+    for name, value in (("Study Instance UID", study), ("Series Instance UID", series)):
+        if not UID(value).is_valid:
+            return CANNOT_UNDERSTAND, f"{name} is not a valid UID (PS3.5 9.1)"
     return None
 
 
@@ -81,13 +84,18 @@ class Receiver:
         self.config, self.queue, self.spool, self.audit = config, queue, spool, audit
         self.server = None
 
-    def handle_store(self, event) -> int:
+    def handle_store(self, event) -> int | pydicom.Dataset:
+        """The C-STORE answer: 0x0000, or a refusal with its reason as the Error Comment (0000,0902)."""
         status, header, outcome = self._store(event)
         if self.audit:
             self.audit.instance_received(event.assoc.requestor.ae_title, event.assoc.requestor.address, header,
                                          str(event.request.AffectedSOPClassUID or ""),
                                          str(event.request.AffectedSOPInstanceUID or ""), status == 0x0000, outcome)
-        return status
+        if status == 0x0000:
+            return status
+        answer = pydicom.Dataset()
+        answer.Status, answer.ErrorComment = status, outcome.removeprefix("refused: ")[:64]  # LO: 64 characters
+        return answer
 
     def _store(self, event) -> tuple[int, object, str]:
         """(status, the data set's header or None, what happened)."""
@@ -98,10 +106,12 @@ class Receiver:
             RECEIVED.labels("out_of_resources").inc()
             log("refused: disk below watermark", 30, uid=uid, calling_ae=calling, free_mb=round(free_mb))
             return OUT_OF_RESOURCES, None, "refused: disk below watermark"
-        if not SAFE_NAME.match(uid):  # it names the instance's file or key
+        # PS3.5 9.1, as pydicom checks it (the value read without its padding); so also a safe file name or key
+        if not UID(uid).is_valid:
             RECEIVED.labels("bad_uid").inc()
-            log("refused: unusable SOP Instance UID", 30, calling_ae=calling, uid=uid[:80])
-            return CANNOT_UNDERSTAND, None, "refused: unusable SOP Instance UID"
+            outcome = "refused: SOP Instance UID is not a valid UID (PS3.5 9.1)"
+            log(outcome, 30, calling_ae=calling, uid=uid[:80])
+            return CANNOT_UNDERSTAND, None, outcome
         try:
             known = self.queue.known(uid)
         except QueueUnavailable as error:

@@ -3,13 +3,13 @@ success and warning are stored (a warning is logged and kept), a transient failu
 exponential backoff, a permanent one is marked failed with its reason until `cxr-node retry`."""
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage,
-                                  SegmentationStorage, Verification)
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.audit import AuditTrail
@@ -18,7 +18,9 @@ from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
 from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 
-RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage)
+# The SR carries 2D image coordinates only, so it is Comprehensive SR, which more PACS store than
+# Comprehensive 3D SR; Enhanced SR cannot carry TID 1500's by-reference content and is not proposed.
+RESULT_SOP_CLASSES = (SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage)
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 STORED, WARNING, TRANSIENT, PERMANENT = "stored", "warning", "transient", "permanent"
 # Failures worth trying again as they are: the PACS is short of resources or busy.
@@ -40,9 +42,22 @@ def status_class(status: int | None) -> str:
     return PERMANENT
 
 
+class _HandshakeRecordingSocket(ssl.SSLSocket):
+    """pynetdicom logs a failed TLS handshake and only reports the association as not established: this
+    socket keeps the error on its context (`handshake_error`), so that the reason can name the cause."""
+
+    def connect(self, address) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as error:
+            self.context.handshake_error = error
+            raise
+
+
 def client_tls_context(destination: Destination) -> ssl.SSLContext:
     """TLS 1.2+ client context: the destination's certificate must chain to its CA and name its host."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls.ca_certificates))
+    context.sslsocket_class = _HandshakeRecordingSocket
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if destination.tls.certificate:
         context.load_cert_chain(destination.tls.certificate, destination.tls.private_key)
@@ -59,20 +74,27 @@ def _client_ae(ae_title: str, network_timeout: float) -> AE:
 
 
 def associate(config: Config, destination: Destination, calling_ae: str | None = None):
-    """An association with `destination` (over TLS when it has TLS settings)."""
-    tls_args = (client_tls_context(destination), destination.host) if destination.tls else None
-    return _client_ae(calling_ae or config.ae_title, config.network_timeout).associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    """An association with `destination` (over TLS when it has TLS settings) and, when it is not
+    established, why: e.g. "TLS: certificate verify failed: Hostname mismatch, ..."."""
+    context = client_tls_context(destination) if destination.tls else None
+    assoc = _client_ae(calling_ae or config.ae_title, config.network_timeout).associate(
+        destination.host, destination.port, ae_title=destination.ae_title,
+        tls_args=(context, destination.host) if context else None)
+    if assoc.is_established:
+        return assoc, ""
+    if handshake_error := getattr(context, "handshake_error", None):  # "[SSL: CODE] what (_ssl.c:NNN)": the words
+        return assoc, "TLS: " + re.sub(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$", "", str(handshake_error))
+    return assoc, "association rejected, aborted or destination unreachable"
 
 
 def echo(config: Config, destination: Destination, calling_ae: str | None = None) -> tuple[bool, str]:
     """C-ECHO one destination (calling as this node unless told otherwise): (ok, what happened)."""
     try:
-        assoc = associate(config, destination, calling_ae)
+        assoc, failure = associate(config, destination, calling_ae)
     except (OSError, ssl.SSLError) as error:
         return False, f"TLS or network error: {error}"
-    if not assoc.is_established:
-        return False, "association rejected or no answer"
+    if failure:
+        return False, failure
     status = assoc.send_c_echo()
     assoc.release()
     if status and status.Status == 0x0000:
@@ -84,14 +106,29 @@ class Sender:
     def __init__(self, config: Config, queue: Queue, audit: AuditTrail | None = None):
         self.config, self.queue, self.audit = config, queue, audit
 
+    def _header(self, outgoing: Outgoing) -> pydicom.Dataset | None:
+        """What the audit and the redaction of an Error Comment need of a result; None when unreadable."""
+        try:
+            return pydicom.dcmread(self.queue.result_file(outgoing), stop_before_pixels=True,
+                                   specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID", "PatientName"])
+        except (OSError, QueueUnavailable, pydicom.errors.InvalidDicomError):
+            return None
+
+    def _error_comment(self, status, outgoing: Outgoing) -> str:
+        """The destination's Error Comment (0000,0902) of a C-STORE answer, on one line, without the
+        result's patient ID or name (the reason is logged); "" when there is none."""
+        comment = " ".join(str(getattr(status, "ErrorComment", "") or "").split())[:200]
+        header = self._header(outgoing) if comment else None
+        if header is not None:
+            patient = [str(header.get("PatientID", "")), *re.split(r"[\^=]", str(header.get("PatientName", "")))]
+            for value in sorted({v.strip() for v in patient if len(v.strip()) > 1}, key=len, reverse=True):
+                comment = re.sub(re.escape(value), "[patient]", comment, flags=re.IGNORECASE)
+        return comment
+
     def _audit(self, outgoing: Outgoing, destination: Destination, stored: bool, detail: str = "") -> None:
         if not self.audit:
             return
-        try:
-            header = pydicom.dcmread(self.queue.result_file(outgoing), stop_before_pixels=True,
-                                     specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
-        except (OSError, QueueUnavailable, pydicom.errors.InvalidDicomError):
-            header = None
+        header = self._header(outgoing)
         sop_class = str(header.get("SOPClassUID", "")) if header is not None else ""
         self.audit.result_sent(destination, header, sop_class, outgoing.sop_uid, stored, detail)
 
@@ -126,14 +163,12 @@ class Sender:
     def _send_batch(self, destination: Destination, batch: list[Outgoing]) -> tuple[int, int]:
         """(stored, permanently refused) of `batch`, over one association."""
         try:
-            assoc = associate(self.config, destination)
-        except (OSError, ssl.SSLError) as error:  # e.g. the destination's certificate does not verify
+            assoc, failure = associate(self.config, destination)
+        except (OSError, ssl.SSLError) as error:  # e.g. the CA file cannot be read
+            failure = f"TLS or network error: {error}"
+        if failure:
             for outgoing in batch:
-                self._failed(outgoing, destination, f"TLS or network error: {error}")
-            return 0, 0
-        if not assoc.is_established:
-            for outgoing in batch:
-                self._failed(outgoing, destination, "association rejected, aborted or destination unreachable")
+                self._failed(outgoing, destination, failure)
             return 0, 0
         stored = refused = 0
         try:
@@ -159,8 +194,9 @@ class Sender:
                     continue
                 code = getattr(status, "Status", None)
                 outcome = status_class(code)
+                comment = f": {text}" if (text := self._error_comment(status, outgoing)) else ""
                 if outcome in (STORED, WARNING):
-                    warning = f"stored with warning status 0x{code:04X}" if outcome == WARNING else None
+                    warning = f"stored with warning status 0x{code:04X}{comment}" if outcome == WARNING else None
                     self.queue.mark_sent(outgoing.sop_uid, destination.name, warning)
                     self._audit(outgoing, destination, stored=True, detail=warning or "")
                     SENT.labels(destination.name, outcome).inc()
@@ -169,8 +205,8 @@ class Sender:
                         **({"warning": warning} if warning else {}))
                     stored += 1
                 else:
-                    reason = "no response (association lost)" if code is None else \
-                        f"C-STORE status 0x{code:04X}" + (f" ({TRANSIENT_STATUSES[code]})" if code in TRANSIENT_STATUSES else "")
+                    known = f" ({TRANSIENT_STATUSES[code]})" if code in TRANSIENT_STATUSES else ""
+                    reason = "no response (association lost)" if code is None else f"C-STORE status 0x{code:04X}{known}{comment}"
                     self._failed(outgoing, destination, reason, outcome)
                     if code is not None:  # the destination answered: a transfer that failed
                         self._audit(outgoing, destination, stored=False, detail=reason)

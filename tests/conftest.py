@@ -2,6 +2,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,32 @@ def record():
             with open(target, "a") as handle:
                 handle.write(json.dumps({"table": table, **row}, default=str) + "\n")
     return append
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """Certificates made with openssl: a test CA; from it a server certificate for 127.0.0.1 and localhost,
+    one for another host (elsewhere.example) and a client certificate; a self-signed "rogue" certificate
+    that nothing trusts."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make test certificates")
+    folder = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=cxr-test-ca")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (folder / "elsewhere.ext").write_text("subjectAltName=DNS:elsewhere.example\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("elsewhere", ["-extfile", "elsewhere.ext"]),
+                        ("client", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *extra)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.pem", "-days", "2",
+            "-subj", "/CN=rogue")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +101,8 @@ DATABASES = itertools.count()
 @pytest.fixture(params=["sqlite", "postgresql"])
 def make_queue(request, tmp_path):
     """Opens the queue of the backend under test: the same queue each call (as a restarted process
-    would), empty at the start of the test; SQLite keeps its bytes in a spool under tmp_path."""
+    would), empty at the start of the test; SQLite keeps its bytes in a spool under tmp_path.
+    `make.site` is what a site file needs to name this queue (with state_dir = tmp_path/state), e.g. for the CLI."""
     from dicom_node.queue import SQLiteQueue
     from dicom_node.spool import Spool
 
@@ -87,10 +115,13 @@ def make_queue(request, tmp_path):
         def make():
             opened.append(PostgresQueue(dsn, tmp_path / "results"))
             return opened[-1]
+        make.site = f'[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
     else:
         def make():
-            opened.append(SQLiteQueue(tmp_path / "q.sqlite3", Spool(tmp_path / "state"), tmp_path / "results"))
+            spool = Spool(tmp_path / "state")
+            opened.append(SQLiteQueue(spool.root / "queue.sqlite3", spool, tmp_path / "results"))
             return opened[-1]
+        make.site = ""
     yield make
     for queue in opened:
         queue.close()

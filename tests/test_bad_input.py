@@ -17,7 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, JPEG2000Lossless,
+from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless,
                          ImplicitVRLittleEndian, generate_uid)
 from pynetdicom import AE, _config
 
@@ -316,3 +316,42 @@ def test_logs_hold_no_patient_names_ids_or_birth_dates(corpus):
         for value in values:
             for form in {value, value.replace("^", " ")}:
                 assert form not in log, f"patient data in the log: {form[:20]}"
+
+
+def test_uids_that_are_not_valid_are_refused_with_the_attribute_named_and_nothing_kept(dicom_dir, tmp_path):
+    """PS3.5 9.1: only digits and dots, no empty component, no leading zero but in "0". Each such
+    UID gets 0xC000 with an Error Comment naming the attribute, is neither queued nor spooled, and is
+    logged without patient data; a valid instance sent after them is accepted."""
+    invalid = [("SOPInstanceUID", "1.2.3.04.abc", "SOP Instance UID"), ("StudyInstanceUID", "1.2.03", "Study Instance UID"),
+               ("SeriesInstanceUID", "1..2", "Series Instance UID")]
+    node = Node(tmp_path / "node").start()
+    try:
+        files, uids = [], []
+        for keyword, value, _ in [*invalid, ("control", "", "")]:
+            ds = plain_chest(dicom_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns of the invalid UI values as they are set and written
+                if keyword != "control":
+                    setattr(ds, keyword, value)
+                files.append(tmp_path / f"{keyword}.dcm")
+                files[-1].write_bytes(part10(body_of(ds), ExplicitVRLittleEndian, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+            uids.append(str(ds.SOPInstanceUID))
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="CXR_NODE")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # and again as pynetdicom reads the files' meta
+                answers = [assoc.send_c_store(path) for path in files]
+        finally:
+            assoc.release()
+        for (_, _, name), answer, uid in zip(invalid, answers, uids):
+            assert (answer.Status, answer.get("ErrorComment")) == (0xC000, f"{name} is not a valid UID (PS3.5 9.1)")
+            assert node.instance(uid) is None
+            assert f'"refused: {name} is not a valid UID (PS3.5 9.1)"' in node.log()
+        assert answers[-1].Status == 0x0000 and node.instance(uids[-1])  # the control
+        spooled = [path.name for folder in ("inputs", "incoming") for path in (node.folder / "state" / folder).iterdir()]
+        assert spooled == [f"{uids[-1]}.dcm"]
+        assert not any(value in node.log() for values in PATIENTS.values() for value in values)
+    finally:
+        node.stop()

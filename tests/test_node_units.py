@@ -105,6 +105,23 @@ def test_failed_sends_back_off_and_are_never_dropped(make_queue, tmp_path):
     assert queue.counts()["results"]["sent"] == 1
 
 
+def test_last_errors_say_when_each_error_happened_and_when_a_send_is_tried_again(make_queue, tmp_path):
+    queue = make_queue()
+    received(queue, tmp_path)
+    received(queue, tmp_path, "1.2.4")
+    queue.complete(queue.instance("1.2.3"), [("2.25.1", "SEG", b"seg"), ("2.25.2", "SR", b"sr")], ["pacs"], "tags", 1.0)
+    before = time.time()
+    queue.mark_send_failed("2.25.1", "pacs", "unreachable", initial=600, maximum=600)
+    queue.mark_send_refused("2.25.2", "pacs", "C-STORE status 0xC000")
+    queue.fail("1.2.4", "cannot be decoded")
+    after = time.time()
+    errors = {e["sop_uid"]: e for e in queue.last_errors()}
+    assert errors.keys() == {"2.25.1", "2.25.2", "1.2.4"}
+    assert all(before <= e["at"] <= after for e in errors.values())  # not the next attempt's time
+    assert errors["2.25.1"]["next_attempt_at"] >= before + 600  # retried then
+    assert errors["2.25.2"]["next_attempt_at"] is None and errors["1.2.4"]["next_attempt_at"] is None  # on `retry`
+
+
 def test_retention_purges_the_bytes_of_finished_work_only(make_queue, tmp_path):
     queue = make_queue()
     for uid in ("1.1", "1.2"):
@@ -206,16 +223,25 @@ def test_an_old_queue_is_migrated_and_a_newer_one_refused(tmp_path):
     import sqlite3
 
     from dicom_node.queue.sqlite import SCHEMA_VERSION
-    old = sqlite3.connect(tmp_path / "q.sqlite3")  # the 0.3.0 schema: no version, no claimed_by
+    old = sqlite3.connect(tmp_path / "q.sqlite3")  # the 0.3.0 schema: no version, no claimed_by, no last_error_at
     old.executescript("CREATE TABLE instances (sop_uid TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT,"
                       " sop_class_uid TEXT, calling_ae TEXT, path TEXT, state TEXT NOT NULL, reason TEXT,"
                       " decided_by TEXT, opacity_pct REAL, attempts INTEGER NOT NULL DEFAULT 0,"
                       " received_at REAL NOT NULL, updated_at REAL NOT NULL);"
-                      "INSERT INTO instances (sop_uid, state, received_at, updated_at) VALUES ('1.2.3', 'queued', 1, 1);")
+                      "CREATE TABLE results (sop_uid TEXT NOT NULL, destination TEXT NOT NULL, source_sop_uid TEXT NOT NULL,"
+                      " kind TEXT NOT NULL, path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+                      " next_attempt_at REAL, last_error TEXT, created_at REAL NOT NULL, sent_at REAL,"
+                      " PRIMARY KEY (sop_uid, destination));"
+                      "INSERT INTO instances (sop_uid, state, received_at, updated_at) VALUES ('1.2.3', 'queued', 1, 1);"
+                      "INSERT INTO results (sop_uid, destination, source_sop_uid, kind, state, last_error, created_at)"
+                      " VALUES ('2.25.1', 'pacs', '1.2.0', 'SEG', 'failed', 'refused', 1);")
     old.commit()
     old.close()
     queue = Queue(tmp_path / "q.sqlite3")
     assert queue.claim_next("host:1:1").sop_uid == "1.2.3"  # kept, and claimable with the new column
+    assert [(e["error"], e["at"]) for e in queue.last_errors()] == [("refused", None)]  # its time was not kept
+    queue.mark_send_refused("2.25.1", "pacs", "refused again")
+    assert queue.last_errors()[0]["at"] > 1
     queue.close()
     newer = sqlite3.connect(tmp_path / "q.sqlite3")
     newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
@@ -332,6 +358,24 @@ def test_a_postgresql_queue_of_a_newer_schema_is_refused(postgresql):
     postgresql.query("newer_schema", f"UPDATE cxr_node_schema SET version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaTooNew, match="newer than this cxr-node"):
         PostgresQueue(dsn)
+
+
+def test_a_postgresql_queue_of_schema_1_is_migrated(postgresql):
+    from dicom_node.queue.postgresql import SCHEMA_VERSION, PostgresQueue
+
+    dsn = postgresql.create_database("schema_1")
+    PostgresQueue(dsn).close()
+    postgresql.query("schema_1", "ALTER TABLE results DROP COLUMN last_error_at; UPDATE cxr_node_schema SET version = 1;"
+                                 "INSERT INTO results (sop_uid, destination, source_sop_uid, kind, state, last_error,"
+                                 " created_at) VALUES ('2.25.1', 'pacs', '1.2.3', 'SEG', 'failed', 'refused', 1)")
+    queue = PostgresQueue(dsn)
+    try:
+        assert [(e["error"], e["at"]) for e in queue.last_errors()] == [("refused", None)]  # kept; its time was not
+        queue.mark_send_refused("2.25.1", "pacs", "refused again")
+        assert queue.last_errors()[0]["at"] > 1
+        assert postgresql.query("schema_1", "SELECT version FROM cxr_node_schema") == [[str(SCHEMA_VERSION)]]
+    finally:
+        queue.close()
 
 
 def test_promotion_defers_one_analyse_job_per_instance_and_again_once_its_job_ended(postgresql, tmp_path):

@@ -29,7 +29,8 @@ CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS results (
     sop_uid TEXT NOT NULL, destination TEXT NOT NULL, source_sop_uid TEXT NOT NULL, kind TEXT NOT NULL,
     path TEXT, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at DOUBLE PRECISION,
-    last_error TEXT, created_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION, PRIMARY KEY (sop_uid, destination));
+    last_error TEXT, last_error_at DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION,
+    PRIMARY KEY (sop_uid, destination));
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS processes (
     process_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, role TEXT NOT NULL,
@@ -199,21 +200,23 @@ class Queue:
 
     def mark_sent(self, sop_uid: str, destination: str, warning: str | None = None) -> None:
         """Stored; a warning status (e.g. coerced attributes) is kept in last_error for the record."""
+        now = time.time()
         self._transaction(lambda db: db.execute(
-            "UPDATE results SET state = 'sent', sent_at = ?, last_error = ?, attempts = attempts + 1"
-            " WHERE sop_uid = ? AND destination = ?", (time.time(), warning, sop_uid, destination)))
+            "UPDATE results SET state = 'sent', sent_at = ?, last_error = ?, last_error_at = ?, attempts = attempts + 1"
+            " WHERE sop_uid = ? AND destination = ?", (now, warning, now if warning else None, sop_uid, destination)))
 
     def mark_send_refused(self, sop_uid: str, destination: str, reason: str) -> None:
         """A permanent failure: state 'failed' with the reason; sent again only after `retry_failed_results`."""
         self._transaction(lambda db: db.execute(
-            "UPDATE results SET state = 'failed', attempts = attempts + 1, last_error = ?, next_attempt_at = NULL"
-            " WHERE sop_uid = ? AND destination = ?", (reason, sop_uid, destination)))
+            "UPDATE results SET state = 'failed', attempts = attempts + 1, last_error = ?, last_error_at = ?,"
+            " next_attempt_at = NULL WHERE sop_uid = ? AND destination = ?", (reason, time.time(), sop_uid, destination)))
 
     def refuse_held_reports(self, source_sop_uid: str, destination: str, reason: str) -> int:
         """The pending SRs of a source whose SEG was refused at `destination` (sr_only_with_seg): failed too."""
         return self._transaction(lambda db: db.execute(
-            "UPDATE results SET state = 'failed', last_error = ?, next_attempt_at = NULL WHERE source_sop_uid = ?"
-            " AND destination = ? AND kind = 'SR' AND state = 'pending'", (reason, source_sop_uid, destination)).rowcount)
+            "UPDATE results SET state = 'failed', last_error = ?, last_error_at = ?, next_attempt_at = NULL"
+            " WHERE source_sop_uid = ? AND destination = ? AND kind = 'SR' AND state = 'pending'",
+            (reason, time.time(), source_sop_uid, destination)).rowcount)
 
     def retry_failed_results(self, uid: str | None = None) -> int:
         """failed -> pending, due now: every refused result, or those of one result or source UID."""
@@ -227,9 +230,9 @@ class Queue:
         def statements(db):
             attempts = db.execute("SELECT attempts FROM results WHERE sop_uid = ? AND destination = ?",
                                   (sop_uid, destination)).fetchone()["attempts"]
-            delay = min(maximum, initial * 2 ** attempts)
-            db.execute("UPDATE results SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
-                       " WHERE sop_uid = ? AND destination = ?", (error, time.time() + delay, sop_uid, destination))
+            delay, now = min(maximum, initial * 2 ** attempts), time.time()
+            db.execute("UPDATE results SET attempts = attempts + 1, last_error = ?, last_error_at = ?, next_attempt_at = ?"
+                       " WHERE sop_uid = ? AND destination = ?", (error, now, now + delay, sop_uid, destination))
         self._transaction(statements)
 
     def destinations_due(self) -> list[str]:
@@ -272,17 +275,25 @@ class Queue:
         return {"instances": instances, "results": results}
 
     def last_errors(self, limit: int = 10) -> list[dict]:
-        failed = self._query("SELECT sop_uid, 'instance' kind, reason error, updated_at at FROM instances"
-                             " WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
+        """The latest failed instances and failed sends: `at` is when the error happened (null for a
+        send error recorded before the queue kept that time), `next_attempt_at` when a send is tried again (none:
+        it waits for `cxr-node retry`)."""
+        failed = self._query("SELECT sop_uid, 'instance' kind, reason error, updated_at at, NULL next_attempt_at"
+                             " FROM instances WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
         sending = self._query("SELECT sop_uid, CASE state WHEN 'failed' THEN 'refused by ' ELSE 'send to ' END"
-                              " || destination kind, last_error error, COALESCE(next_attempt_at, created_at) at"
+                              " || destination kind, last_error error, last_error_at at, next_attempt_at"
                               " FROM results WHERE state IN ('pending', 'failed') AND last_error IS NOT NULL"
-                              " ORDER BY at DESC LIMIT ?", (limit,))
+                              " ORDER BY last_error_at DESC NULLS LAST LIMIT ?", (limit,))
         return failed + sending
 
     def instance(self, sop_uid: str) -> Job | None:
         rows = self._query("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
         return from_row(Job, rows[0]) if rows else None
+
+    def results_of(self, source_sop_uid: str) -> list[Outgoing]:
+        """Every result made from one instance, one per destination, with its delivery state."""
+        return [from_row(Outgoing, row) for row in self._query(
+            "SELECT * FROM results WHERE source_sop_uid = ? ORDER BY kind, destination", (source_sop_uid,))]
 
     def expired_files(self, older_than: float) -> list[str]:
         """Bytes of finished work older than the retention: inputs whose results all left, results sent

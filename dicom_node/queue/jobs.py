@@ -75,6 +75,7 @@ class Outgoing:
     created_at: float
     next_attempt_at: float | None = None
     last_error: str | None = None
+    last_error_at: float | None = None  # when last_error happened
     sent_at: float | None = None
 
     def __post_init__(self):

@@ -19,8 +19,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from dicom_node.queue.base import TABLES, Queue
 from dicom_node.queue.jobs import QueueUnavailable, SchemaTooNew
 
-# cxr_node_schema.version. 1: the SQLite tables, files, and procrastinate's schema.
-SCHEMA_VERSION = 1
+# cxr_node_schema.version. 1: the SQLite tables, files, and procrastinate's schema; 2: when a result's last
+# error happened.
+SCHEMA_VERSION = 2
+MIGRATIONS = {  # version reached -> statements that bring the version before it there
+    2: "ALTER TABLE results ADD COLUMN last_error_at DOUBLE PRECISION;",
+}
 OWN_TABLES = """
 CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, data BYTEA NOT NULL);
 ALTER TABLE files ALTER COLUMN data SET STORAGE EXTERNAL;
@@ -64,6 +68,8 @@ class PostgresQueue(Queue):
                                    f"({SCHEMA_VERSION}); run the newer cxr-node")
             if version == SCHEMA_VERSION:
                 return
+            for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # a new database: none
+                db.cursor.execute(MIGRATIONS[target])
             db.cursor.execute(TABLES + OWN_TABLES)
             if not db.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL present").fetchone()["present"]:
                 db.cursor.execute(SchemaManager.get_schema())

@@ -10,10 +10,12 @@ from dicom_node.queue.base import TABLES, Queue
 from dicom_node.queue.jobs import QueueUnavailable, SchemaTooNew
 from dicom_node.spool import Spool
 
-# PRAGMA user_version. 1: instances and results; 2: the processes table and who claimed a job.
-SCHEMA_VERSION = 2
+# PRAGMA user_version. 1: instances and results; 2: the processes table and who claimed a job; 3: when a
+# result's last error happened.
+SCHEMA_VERSION = 3
 MIGRATIONS = {  # version reached -> statements that bring the version before it there
     2: "ALTER TABLE instances ADD COLUMN claimed_by TEXT;",
+    3: "ALTER TABLE results ADD COLUMN last_error_at DOUBLE PRECISION;",
 }
 
 
