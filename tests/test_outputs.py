@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
+from dicom_node.outputs import summary
 from dicom_node.outputs.capture import build_capture
 from dicom_node.outputs.codes import BRIXIA_GLOBAL_SCORE, OPACITY, OPACITY_PERCENT, ZONE_SITES
 from dicom_node.outputs.identity import Algorithm
@@ -302,3 +303,26 @@ def test_the_secondary_capture_is_marked_lossy_when_its_source_arrived_lossy_com
             delattr(ds, keyword)
     capture = build_all(ds)[3]
     assert (capture.get("LossyImageCompression") == "01") == lossy
+
+
+def test_a_source_without_body_part_or_view_gives_valid_results_the_sc_included(dicom_dir, tmp_path):
+    """The NCCID film has neither Body Part Examined nor View Position (nor Laterality)."""
+    ds = pydicom.dcmread(dicom_dir / "nhsx-nccid/1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm")
+    assert "BodyPartExamined" not in ds
+    _, segmentation, report, capture = build_all(ds)
+    for result in (segmentation, report, capture):
+        assert dciodvfy_errors(result, tmp_path / f"{result.Modality}.dcm") == [], result.Modality
+    assert capture.BodyPartExamined == "CHEST" and "Laterality" not in capture
+    assert report.SOPClassUID == pydicom.uid.ComprehensiveSRStorage  # what PACS without 3D SR store
+
+
+@pytest.mark.parametrize("right_rows, expected", [(0, None), (4, None), (8, codes.SCT.Mild), (40, codes.SCT.Moderate),
+                                                  (70, codes.SCT.Severe)])
+def test_presence_and_severity_follow_the_more_involved_lung(right_rows, expected):
+    """Opacity in one lung only: 8 % of it (4 % of both lungs) is present and mild, not absent."""
+    lungs = np.zeros((100, 100), np.uint8)
+    lungs[:, :50], lungs[:, 50:] = RIGHT, LEFT
+    seg = Segmentation(lungs=lungs, opacity=np.zeros((100, 100), bool), lung_confidence=1.0)
+    seg.opacity[:right_rows, :50] = True
+    assert summary.severity(seg) == expected
+    assert summary.presence(seg) == (codes.SCT.Absent if expected is None else codes.SCT.Present)

@@ -91,7 +91,7 @@ class _ReportBuilder:
             measurements.append(hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT))
         lungs = seg.lungs > 0
         return self.region_group(self.uid("summary"), summary.sentence(seg), box(lungs if lungs.any() else ~lungs),
-                                 OPACITY, [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements,
+                                 LUNG, [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements,
                                  evaluations)
 
     def segment_groups(self):
@@ -143,7 +143,8 @@ class _ReportBuilder:
     def opacity_region_group(self, number: int, mask: np.ndarray, lung: int, uid: str):
         """Opacity region `number` (1 = largest): its outline, area and share of the lung it lies in."""
         side = LUNG_SIDES[lung]
-        share = 100.0 * int(mask.sum()) / max(1, int((self.seg.lungs == lung).sum()))
+        in_lung = self.seg.lungs == lung
+        share = 100.0 * int((mask & in_lung).sum()) / max(1, int(in_lung.sum()))
         return self.region_group(uid, f"Opacity region {number} ({side} lung)", outlines(mask)[0], OPACITY,
                                  [hd.sr.FindingSite(LUNG, laterality=LATERALITY[side])],
                                  self.area(mask) + [_percent(share, side)])

@@ -8,10 +8,10 @@ from pydicom.sr.coding import Code
 
 from model.infer import Segmentation
 
-# Opacity counts as present from 5 % of the lung area: 91 % of COVID-QU-Ex normals read below it
-# (model card), so a lower cut would call one normal film in ten abnormal.
+# Opacity counts as present from 5 % of a lung's area: 91 % of COVID-QU-Ex normals read below it on
+# both lungs (model card), so a lower cut would call one normal film in ten abnormal.
 PRESENT_FROM_PCT = 5.0
-# Severity by the share of both lungs involved, on the bands of the geographic extent score
+# Severity by the share of the more involved lung, on the bands of the geographic extent score
 # (Cohen et al. 2020: <25 %, 25-50 %, >50 % of a lung), which the opacity % is read against.
 SEVERITY_BANDS = ((25.0, codes.SCT.Mild), (50.0, codes.SCT.Moderate), (float("inf"), codes.SCT.Severe))
 
@@ -21,15 +21,19 @@ def percent(value: float) -> str:
     return f"{value:.0f} %" if value >= 10 else f"{value:.1f} %"
 
 
+def worse_lung_pct(seg: Segmentation) -> float:
+    return max(seg.right_opacity_pct, seg.left_opacity_pct)
+
+
 def presence(seg: Segmentation) -> Code:
-    return codes.SCT.Present if seg.opacity_pct >= PRESENT_FROM_PCT else codes.SCT.Absent
+    return codes.SCT.Present if worse_lung_pct(seg) >= PRESENT_FROM_PCT else codes.SCT.Absent
 
 
 def severity(seg: Segmentation) -> Code | None:
-    """Mild / moderate / severe; None when opacity is absent."""
+    """Mild / moderate / severe by the more involved lung; None when opacity is absent."""
     if presence(seg) == codes.SCT.Absent:
         return None
-    return next(code for upper, code in SEVERITY_BANDS if seg.opacity_pct < upper)
+    return next(code for upper, code in SEVERITY_BANDS if worse_lung_pct(seg) < upper)
 
 
 def sentence(seg: Segmentation) -> str:
