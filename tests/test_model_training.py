@@ -27,13 +27,15 @@ def test_tiny_model_loss_drops_on_a_fixed_batch(cxr_dir):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_augmented_batches_keep_labels_consistent(cxr_dir):
+@pytest.mark.parametrize("films_from_elsewhere", [False, True])
+def test_augmented_batches_keep_labels_consistent(cxr_dir, films_from_elsewhere):
     from model.augment import build_augmentation
 
     records = [r for r in load_records(cxr_dir) if r.lung_mask_path][:8]
     samples = lung_samples(records, 64)
     rng = np.random.default_rng(0)
-    batch = next(batches(samples, 8, lung_batch, rng, build_augmentation(64), SWAP_RIGHT_LEFT))
+    augment = build_augmentation(64, films_from_elsewhere)
+    batch = next(batches(samples, 8, lung_batch, rng, augment, SWAP_RIGHT_LEFT))
     target = batch["target"]
     assert batch["image"].shape == (8, 64, 64, 1) and target.shape == (8, 64, 64, 2)
     assert not (target[..., 0] * target[..., 1]).any()  # a pixel is never both lungs
@@ -63,6 +65,21 @@ def test_weak_losses_punish_predicting_nothing_as_much_as_predicting_everything(
     assert float(right["zone_positive"]) == float(right["zone_negative"]) == float(right["zone_ranking"]) == 0
     assert float(nothing["zone_ranking"]) > 0  # equal fractions for unequal scores
     assert float(right["positive_zone_fraction_sum"]) / float(right["positive_zone_fraction_n"]) == pytest.approx(0.9)
+
+
+def test_soft_maximum_pooling_takes_a_patch_of_opacity_for_a_positive_zone_where_the_mean_wants_it_painted():
+    """Zone D (score 3) holds opacity in one of its four rows: enough for "lse", not for "mean"; the
+    same patch in a zone both raters called clear costs "lse" far more than "mean"."""
+    prob, batch = zone_batch([0] * 6, [0, 0, 0, 3, 3, 3])
+    patch = np.zeros((1, 24, 24, 1), np.float32)
+    patch[0, 12] = 1.0  # first row of zone D
+    patch[0, 0] = 1.0   # first row of zone A, scored 0
+    mean, lse = (weak_losses(tf.constant(patch), batch, Recipe(zone_pooling=pooling)) for pooling in ("mean", "lse"))
+    zone_d_positive = weak_losses(tf.constant(patch), dict(batch, zone_positive=tf.constant([[0, 0, 0, 1, 0, 0.]])),
+                                  Recipe(zone_pooling="lse"))
+    assert float(zone_d_positive["zone_positive"]) == 0
+    assert float(mean["zone_positive"]) > 0.3
+    assert float(lse["zone_negative"]) > 3 * float(mean["zone_negative"])
 
 
 def test_extent_loss_is_zero_inside_the_interval_only():

@@ -92,7 +92,7 @@ def epoch_log(step_logs: list[dict]) -> dict:
 
 
 def fit(trainer: Trainer, train: Samples, val: Samples | None, make_targets, epochs: int, out_dir: Path,
-        seed: int, flip_lut=None, batch_size=8, desc="train", keep_best=False):
+        seed: int, flip_lut=None, batch_size=8, desc="train", keep_best=False, films_from_elsewhere=False):
     """Train for `epochs`, checkpointing each epoch in out_dir and resuming from the last one.
     With `keep_best`, the weights of the lowest validation loss end in out_dir/final.h5; otherwise the
     last epoch's (a fixed schedule: nothing selected on held-out data)."""
@@ -104,7 +104,7 @@ def fit(trainer: Trainer, train: Samples, val: Samples | None, make_targets, epo
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint)
         print(f"{desc}: resuming after epoch {int(epoch.numpy())}", flush=True)
-    augment = build_augmentation(train.images[0].shape[0])
+    augment = build_augmentation(train.images[0].shape[0], films_from_elsewhere)
     history_path = out_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     while int(epoch.numpy()) < epochs:

@@ -40,14 +40,30 @@ def zone_fractions(prob, zones):
     return tf.reduce_sum(prob * onehot, axis=(1, 2)) / (area + EPS), area
 
 
+def zone_soft_maxima(prob, zones, sharpness):
+    """(n, s, s, 1) probabilities, zone map -> (n, 6) log-sum-exp pooling over each zone A-F: near the zone's
+    largest probabilities, so a zone is "positive" by a patch of opacity, not by opacity spread over it
+    (multiple-instance pooling: it does not reward painting a whole zone)."""
+    onehot = tf.one_hot(tf.cast(zones, tf.int32) - 1, 6)
+    area = tf.reduce_sum(onehot, axis=(1, 2))
+    exp_sum = tf.reduce_sum(tf.exp(sharpness * prob) * onehot, axis=(1, 2))
+    return tf.math.log(exp_sum / (area + EPS) + EPS) / sharpness
+
+
 def weak_losses(prob, batch, recipe) -> dict:
     """Zone and extent terms, and the mean predicted fraction of positive and negative zones (logged
-    per epoch so that a collapse to "no opacity" shows at once)."""
+    per epoch so that a collapse to "no opacity" shows at once). With `zone_pooling` "mean" (2.x) a
+    positive zone's mean probability must reach `zone_floor` x its score; with "lse" its soft maximum must
+    reach `zone_positive_level`, and a negative zone's soft maximum (not mean) is pushed to 0."""
     fraction, area = zone_fractions(prob, batch["zone"])
     present = tf.cast(area >= MIN_ZONE_PIXELS, tf.float32)
     negative, positive = batch["zone_negative"] * present, batch["zone_positive"] * present
     score = batch["zone_score"]
-    floor = recipe.zone_floor * score
+    if recipe.zone_pooling == "lse":
+        pooled = zone_soft_maxima(prob, batch["zone"], recipe.zone_pooling_sharpness)
+        floor = tf.fill(tf.shape(score), recipe.zone_positive_level)
+    else:
+        pooled, floor = fraction, recipe.zone_floor * score
     known = tf.cast(score >= 0, tf.float32) * present
     difference = score[:, :, None] - score[:, None, :]  # pairs (i, j) with zone i scored above zone j
     pairs = tf.cast(difference > 0, tf.float32) * known[:, :, None] * known[:, None, :]
@@ -57,8 +73,8 @@ def weak_losses(prob, batch, recipe) -> dict:
     low, high = batch["extent"][:, 0], batch["extent"][:, 1]
     outside = tf.nn.relu(low - lung_fraction) + tf.nn.relu(lung_fraction - high)
     return {
-        "zone_negative": _masked_mean(fraction, negative),
-        "zone_positive": _masked_mean(tf.nn.relu(floor - fraction), positive),
+        "zone_negative": _masked_mean(pooled, negative),
+        "zone_positive": _masked_mean(tf.nn.relu(floor - pooled), positive),
         "zone_ranking": _masked_mean(tf.nn.relu(shortfall), pairs),
         "extent": _masked_mean(outside, tf.cast(low >= 0, tf.float32)),
         "positive_zone_fraction_sum": tf.reduce_sum(fraction * positive), "positive_zone_fraction_n": tf.reduce_sum(positive),

@@ -67,7 +67,8 @@ def quex_stage(lungs, quex: Samples, out_dir: Path, recipe: Recipe):
     steps = recipe.quex_epochs * (len(quex) // recipe.batch_size)
     schedule = tf.keras.optimizers.schedules.CosineDecay(recipe.quex_learning_rate, steps, alpha=0.05)
     fit(Trainer(model, opacity_loss(recipe), schedule), quex, None, opacity_batch, recipe.quex_epochs, out_dir,
-        recipe.seed, batch_size=recipe.batch_size, desc="opacity A (QU-Ex)")
+        recipe.seed, batch_size=recipe.batch_size, desc="opacity A (QU-Ex)",
+        films_from_elsewhere=recipe.films_from_elsewhere)
     return model
 
 
@@ -93,5 +94,6 @@ def cohen_stage(lungs, start: Path, cohen: Samples, quex: Samples, out_dir: Path
     mixed = mixed + quex.subset(np.isin(np.arange(len(quex)), draw))
     model = opacity_model_from(lungs, recipe.opacity_size, start)
     fit(Trainer(model, opacity_loss(recipe), recipe.cohen_learning_rate), mixed, None, opacity_batch,
-        recipe.cohen_epochs, out_dir, recipe.seed, batch_size=recipe.batch_size, desc=desc)
+        recipe.cohen_epochs, out_dir, recipe.seed, batch_size=recipe.batch_size, desc=desc,
+        films_from_elsewhere=recipe.films_from_elsewhere)
     return model
