@@ -31,8 +31,8 @@ def cmd_status(args) -> int:
         print(f"cxr-node status: no queue at {database} (has the node run with this configuration?)", file=sys.stderr)
         return 1
     queue = open_queue(config)
-    report = {"state_dir": str(config.state_dir), "queue": config.queue_backend, "processes": queue.processes(),
-              **queue.counts(),
+    report = {"state_dir": str(config.state_dir), "queue": config.queue_backend,
+              "processes": queue.processes(config.liveness_seconds), **queue.counts(),
               "last_errors": queue.last_errors()}
     if args.uid:
         job = queue.instance(args.uid)
@@ -94,6 +94,15 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.evidence:
+        if not args.out:
+            raise SystemExit("evaluate: --evidence needs --out")
+        from model.evidence import evaluate_evidence
+
+        evaluate_evidence(Path(args.evidence), Path(args.out))
+        return 0
+    if not args.data:
+        raise SystemExit("evaluate: --data is required (or --evidence DIR)")
     if args.cv:
         from model.training import cross_validated_report
 
@@ -149,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="score the shipped models on an annotated folder")
-    evaluate.add_argument("--data", required=True, help="folder laid out like shared/data/cxr (images.csv, ...)")
+    evaluate.add_argument("--data", help="folder laid out like shared/data/cxr (images.csv, ...)")
+    evaluate.add_argument("--evidence", metavar="DIR",
+                          help="instead: recompute the model card's figures, with patient-level 95 %% intervals, from "
+                               "the committed per-image predictions in DIR (model/evidence) into --out/metrics.json")
     evaluate.add_argument("--out", help="folder for metrics.json, per_image.csv, ROC, scatter and overlay PNGs")
     evaluate.add_argument("--cv", metavar="RUN_DIR",
                           help="instead: re-score the cross-validation of a finished `cxr-node train` run from its "

@@ -1,10 +1,13 @@
-"""Typed settings from config/default.toml overlaid with a site file, validated at start-up."""
+"""Typed settings from config/default.toml overlaid with a site file, validated at start-up (pydantic)."""
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlparse
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 # config/default.toml, reached through a link inside the package so that a built wheel carries it too.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
@@ -74,107 +77,196 @@ class Config:
     queue_backend: str = "sqlite"
     queue_dsn: str = ""
     stalled_seconds: float = 30
+    liveness_seconds: float = 60
+    max_attempts: int = 3
     source: list = field(default_factory=list)
 
 
-def _merge(base: dict, override: dict, prefix="") -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if key not in base and key != "destinations":
-            raise ConfigError(f"unknown setting '{prefix}{key}'")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = _merge(base[key], value, f"{prefix}{key}.")
-        else:
-            merged[key] = value
-    return merged
+# The site file's shape, checked by pydantic in strict mode: a string where a boolean or a number belongs
+# ("no", "30") is refused rather than converted, and so is a key no section has.
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _ae_title(value, key) -> str:
-    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or "\\" in value or not value.isascii():
-        raise ConfigError(f"{key}: an AE title is 1-16 ASCII characters without backslash, got {value!r}")
+def _ae_title(value: str) -> str:
+    if not 0 < len(value.strip()) <= 16 or "\\" in value or not value.isascii():
+        raise ValueError(f"an AE title is 1-16 ASCII characters without backslash, got {value!r}")
     return value.strip()
 
 
-def _number(section: dict, key: str, path: str, kind=int, minimum=0):
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"{path}.{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{path}.{key}: must be >= {minimum}, got {value}")
-    return kind(value)
+def _syslog(value: str) -> str:
+    """"" (off), or udp://host[:port] / tcp://host[:port] of a syslog collector."""
+    parsed = urlparse(value)
+    if value and (parsed.scheme not in ("udp", "tcp") or not parsed.hostname):
+        raise ValueError(f"udp://host:port or tcp://host:port of a syslog collector, got {value!r}")
+    return value
 
 
-def _flag(section: dict, key: str, path: str) -> bool:
-    if not isinstance(section[key], bool):
-        raise ConfigError(f"{path}.{key}: expected true or false, got {section[key]!r}")
-    return section[key]
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()
 
 
-def _pem_file(section: dict, key: str, path: str, base_dir: Path) -> Path | None:
-    """The PEM file `section[key]` names (relative to base_dir), None when it names none."""
-    if not section.get(key):
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Node(_Section):
+    ae_title: AETitle
+    bind: str
+    port: Port
+    allowed_calling_aes: list[AETitle]
+    require_called_ae: bool
+    max_associations: int = Field(ge=1)
+    network_timeout: float = Field(ge=1)
+    receiver_processes: int = Field(ge=1)
+
+
+class _TLS(_Section):
+    enabled: bool
+    certificate: str
+    private_key: str
+    ca_certificates: str
+    require_client_certificate: bool
+
+
+class _Storage(_Section):
+    state_dir: str
+    results_dir: str
+    min_free_mb: int = Field(ge=0)
+
+
+class _Queue(_Section):
+    backend: Literal["sqlite", "postgresql"]
+    dsn: str
+    stalled_seconds: float = Field(ge=5)
+
+
+class _Processing(_Section):
+    stable_seconds: float = Field(ge=0)
+    workers: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    onnx_threads: int = Field(ge=1)
+    providers: list[str] = Field(min_length=1)
+    liveness_seconds: float = Field(ge=1)
+    max_attempts: int = Field(ge=1)
+
+
+class _Outputs(_Section):
+    secondary_capture: bool
+
+
+class _Retry(_Section):
+    initial_seconds: float = Field(ge=0.1)
+    max_seconds: float = Field(ge=0.1)
+
+
+class _Retention(_Section):
+    days: float = Field(ge=0)
+
+
+class _Health(_Section):
+    bind: str
+    port: int = Field(ge=0, le=65535)
+
+
+class _Audit(_Section):
+    file: str
+    syslog: Annotated[str, AfterValidator(_syslog)]
+
+
+class _Logging(_Section):
+    level: Annotated[str, AfterValidator(_log_level)]
+
+
+class _Destination(_Section):
+    name: str
+    ae_title: AETitle
+    host: str
+    port: Port
+    sr_only_with_seg: bool = False
+    tls_ca_certificates: str = ""
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+
+
+class _Settings(_Section):
+    """config/default.toml overlaid with the site file, as read."""
+    node: _Node
+    tls: _TLS
+    storage: _Storage
+    queue: _Queue
+    processing: _Processing
+    outputs: _Outputs
+    destinations: list[_Destination] = []
+    retry: _Retry
+    retention: _Retention
+    health: _Health
+    audit: _Audit
+    logging: _Logging
+
+
+def _where(location: tuple) -> str:
+    """('destinations', 0, 'port') -> 'destinations[0].port'."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
+def _explain(error: ValidationError) -> str:
+    """Every problem, each named by its key, on one line."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        key = _where(problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown setting '{key}'")
+        elif problem["type"] == "missing":
+            lines.append(f"{key}: missing")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            got = "" if "got " in message else f", got {problem['input']!r}"
+            lines.append(f"{key}: {message}{got}")
+    return "; ".join(lines)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """The site file's values over the defaults, section by section."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _pem_file(value: str, key: str, base_dir: Path) -> Path | None:
+    """The PEM file `value` names (relative to base_dir), None when it names none."""
+    if not value:
         return None
-    file = (base_dir / section[key]).resolve()
+    file = (base_dir / value).resolve()
     if not file.is_file():
-        raise ConfigError(f"{path}.{key}: no such file {file}")
+        raise ConfigError(f"{key}: no such file {file}")
     return file
 
 
-def _tls(section: dict, base_dir: Path) -> TLSSettings | None:
-    if not section["enabled"]:
+def _tls(section: _TLS, base_dir: Path) -> TLSSettings | None:
+    if not section.enabled:
         return None
-    require_client = bool(section["require_client_certificate"])
 
     def pem(key: str, needed: bool) -> Path | None:
-        if needed and not section[key]:
+        if needed and not getattr(section, key):
             raise ConfigError(f"tls.{key}: a PEM file is needed when TLS is enabled"
                               + (" and client certificates are required" if key == "ca_certificates" else ""))
-        return _pem_file(section, key, "tls", base_dir)
-    return TLSSettings(pem("certificate", True), pem("private_key", True), pem("ca_certificates", require_client),
-                       require_client)
+        return _pem_file(getattr(section, key), f"tls.{key}", base_dir)
+    return TLSSettings(pem("certificate", True), pem("private_key", True),
+                       pem("ca_certificates", section.require_client_certificate), section.require_client_certificate)
 
 
-def _syslog(value) -> str:
-    """"" (off), or udp://host[:port] / tcp://host[:port] of a syslog collector."""
-    if value == "":
-        return ""
-    parsed = urlparse(str(value))
-    if parsed.scheme not in ("udp", "tcp") or not parsed.hostname:
-        raise ConfigError(f"audit.syslog: udp://host:port or tcp://host:port of a syslog collector, got {value!r}")
-    return str(value)
-
-
-DESTINATION_KEYS = {"name", "ae_title", "host", "port", "sr_only_with_seg", "tls_ca_certificates",
-                    "tls_certificate", "tls_private_key"}
-
-
-def _queue(section: dict) -> tuple[str, str, float]:
-    """(backend, dsn, stalled_seconds) of [queue]."""
-    backend = section["backend"]
-    if backend not in ("sqlite", "postgresql"):
-        raise ConfigError(f'queue.backend: "sqlite" or "postgresql", got {backend!r}')
-    dsn = str(section["dsn"])
-    if backend == "postgresql" and not dsn:
-        raise ConfigError('queue.dsn: needed with backend = "postgresql" (e.g. "postgresql://cxr@db.example/cxr")')
-    return backend, dsn, _number(section, "stalled_seconds", "queue", float, 5)
-
-
-def _destination(entry: dict, key: str, base_dir: Path) -> Destination:
-    missing = {"name", "ae_title", "host", "port"} - set(entry)
-    if missing:
-        raise ConfigError(f"{key}: missing {', '.join(sorted(missing))}")
-    unknown = set(entry) - DESTINATION_KEYS
-    if unknown:
-        raise ConfigError(f"unknown setting '{key}.{sorted(unknown)[0]}'")
-    ca, certificate, private_key = (_pem_file(entry, name, key, base_dir)
+def _destination(entry: _Destination, key: str, base_dir: Path) -> Destination:
+    ca, certificate, private_key = (_pem_file(getattr(entry, name), f"{key}.{name}", base_dir)
                                     for name in ("tls_ca_certificates", "tls_certificate", "tls_private_key"))
     if (certificate is None) != (private_key is None):
         raise ConfigError(f"{key}: tls_certificate and tls_private_key go together")
     if certificate and not ca:
         raise ConfigError(f"{key}.tls_ca_certificates: needed for TLS (the CA that signs the destination's certificate)")
-    return Destination(str(entry["name"]), _ae_title(entry["ae_title"], f"{key}.ae_title"), str(entry["host"]),
-                       _number(entry, "port", key, minimum=1),
-                       _flag({"sr_only_with_seg": False, **entry}, "sr_only_with_seg", key),
+    return Destination(entry.name, entry.ae_title, entry.host, entry.port, entry.sr_only_with_seg,
                        OutboundTLS(ca, certificate, private_key) if ca else None)
 
 
@@ -191,44 +283,32 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         except OSError as error:
             raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from error
         sources.append(str(path))
-    node, storage, processing = raw["node"], raw["storage"], raw["processing"]
-    port = _number(node, "port", "node", minimum=1)
-    if port > 65535:
-        raise ConfigError(f"node.port: must be <= 65535, got {port}")
+    try:
+        settings = _Settings.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+    node, storage, processing, queue = settings.node, settings.storage, settings.processing, settings.queue
+    if queue.backend == "postgresql" and not queue.dsn:
+        raise ConfigError('queue.dsn: needed with backend = "postgresql" (e.g. "postgresql://cxr@db.example/cxr")')
     base_dir = Path(base_dir or Path.cwd())
     destinations = [_destination(entry, f"destinations[{index}]", base_dir)
-                    for index, entry in enumerate(raw.get("destinations", []))]
+                    for index, entry in enumerate(settings.destinations)]
     if len({d.name for d in destinations}) != len(destinations):
         raise ConfigError("destinations: names must be unique")
-    tls = _tls(raw["tls"], base_dir)
-    level = str(raw["logging"]["level"]).upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"logging.level: one of {', '.join(LOG_LEVELS)}, got {raw['logging']['level']!r}")
-    state_dir = (base_dir / storage["state_dir"]).resolve()
-    results_dir = (base_dir / storage["results_dir"]).resolve() if storage["results_dir"] else state_dir / "results"
-    queue_backend, queue_dsn, stalled_seconds = _queue(raw["queue"])
-    providers = processing["providers"]
-    if not providers or not all(isinstance(p, str) for p in providers):
-        raise ConfigError("processing.providers: a non-empty list of ONNX Runtime provider names")
+    state_dir = (base_dir / storage.state_dir).resolve()
     return Config(
-        ae_title=_ae_title(node["ae_title"], "node.ae_title"), bind=str(node["bind"]), port=port,
-        allowed_calling_aes=tuple(_ae_title(a, "node.allowed_calling_aes") for a in node["allowed_calling_aes"]),
-        require_called_ae=bool(node["require_called_ae"]),
-        max_associations=_number(node, "max_associations", "node", minimum=1),
-        receiver_processes=_number(node, "receiver_processes", "node", minimum=1),
-        network_timeout=_number(node, "network_timeout", "node", float, 1), tls=tls,
-        state_dir=state_dir, results_dir=results_dir,
-        min_free_mb=_number(storage, "min_free_mb", "storage"),
-        stable_seconds=_number(processing, "stable_seconds", "processing", float),
-        workers=_number(processing, "workers", "processing", minimum=1),
-        batch_size=_number(processing, "batch_size", "processing", minimum=1),
-        onnx_threads=_number(processing, "onnx_threads", "processing", minimum=1),
-        providers=tuple(providers), secondary_capture=_flag(raw["outputs"], "secondary_capture", "outputs"),
-        destinations=tuple(destinations),
-        retry_initial_seconds=_number(raw["retry"], "initial_seconds", "retry", float, 0.1),
-        retry_max_seconds=_number(raw["retry"], "max_seconds", "retry", float, 0.1),
-        retention_days=_number(raw["retention"], "days", "retention", float),
-        health_bind=str(raw["health"]["bind"]), health_port=_number(raw["health"], "port", "health"),
-        log_level=level, audit_log=state_dir / raw["audit"]["file"], audit_syslog=_syslog(raw["audit"]["syslog"]),
-        queue_backend=queue_backend, queue_dsn=queue_dsn, stalled_seconds=stalled_seconds, source=sources,
+        ae_title=node.ae_title, bind=node.bind, port=node.port, allowed_calling_aes=tuple(node.allowed_calling_aes),
+        require_called_ae=node.require_called_ae, max_associations=node.max_associations,
+        receiver_processes=node.receiver_processes, network_timeout=node.network_timeout,
+        tls=_tls(settings.tls, base_dir), state_dir=state_dir,
+        results_dir=(base_dir / storage.results_dir).resolve() if storage.results_dir else state_dir / "results",
+        min_free_mb=storage.min_free_mb, stable_seconds=processing.stable_seconds, workers=processing.workers,
+        batch_size=processing.batch_size, onnx_threads=processing.onnx_threads,
+        liveness_seconds=processing.liveness_seconds, max_attempts=processing.max_attempts,
+        providers=tuple(processing.providers), secondary_capture=settings.outputs.secondary_capture,
+        destinations=tuple(destinations), retry_initial_seconds=settings.retry.initial_seconds,
+        retry_max_seconds=settings.retry.max_seconds, retention_days=settings.retention.days,
+        health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
+        audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
+        queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds, source=sources,
     )

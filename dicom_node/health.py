@@ -1,4 +1,4 @@
-"""HTTP on localhost: /healthz (JSON, 503 when the node cannot accept work) and /metrics."""
+"""HTTP on localhost: /healthz (JSON, 503 when the node cannot accept or do work) and /metrics."""
 from __future__ import annotations
 
 import json
@@ -8,21 +8,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.config import Config
-from dicom_node.queue import Queue
+from dicom_node.liveness import Liveness, cause
+from dicom_node.queue import Queue, QueueUnavailable
 from dicom_node.spool import Spool
 
 
-def start_health_server(config: Config, queue: Queue, spool: Spool) -> ThreadingHTTPServer:
+def health_report(config: Config, queue: Queue, spool: Spool, liveness: Liveness) -> dict:
+    """What /healthz answers; `status` "ok" only with room on the disk, every loop alive and the queue readable."""
+    free, stalled = spool.free_mb(), liveness.stalled()
+    problems = (["disk below watermark"] if free < config.min_free_mb else []) + \
+        ([f"loops without progress for over {liveness.seconds:g} s"] if stalled else [])
+    try:
+        counts = queue.counts()
+    except QueueUnavailable as error:
+        counts = {}
+        problems.append(f"queue unavailable: {cause(error)}")
+    return {"status": "; ".join(problems) or "ok", "free_mb": round(free), "min_free_mb": config.min_free_mb,
+            "stalled_loops": stalled, **counts}
+
+
+def start_health_server(config: Config, queue: Queue, spool: Spool, liveness: Liveness) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/metrics":
                 body, status, kind = generate_latest(), 200, CONTENT_TYPE_LATEST
             elif self.path == "/healthz":
-                free = spool.free_mb()
-                healthy = free >= config.min_free_mb
-                report = {"status": "ok" if healthy else "disk below watermark", "free_mb": round(free),
-                          "min_free_mb": config.min_free_mb, **queue.counts()}
-                body, status, kind = json.dumps(report).encode(), 200 if healthy else 503, "application/json"
+                report = health_report(config, queue, spool, liveness)
+                status = 200 if report["status"] == "ok" else 503
+                body, kind = json.dumps(report).encode(), "application/json"
             else:
                 body, status, kind = b"not found\n", 404, "text/plain"
             self.send_response(status)

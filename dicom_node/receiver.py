@@ -6,6 +6,7 @@ Non-chest or non-image objects are accepted too (the worker records them as skip
 """
 from __future__ import annotations
 
+import errno
 import functools
 import socket
 import ssl
@@ -21,7 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import AuditTrail
-from dicom_node.config import Config, TLSSettings
+from dicom_node.config import Config, ConfigError, TLSSettings
 from dicom_node.logs import log
 from dicom_node.metrics import RECEIVED
 from dicom_node.queue import Queue, QueueUnavailable
@@ -171,14 +172,27 @@ class Receiver:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
                     (evt.EVT_ACCEPTED, self._accepted)]
-        self.server = ae.make_server(
-            (self.config.bind, self.config.port), evt_handlers=handlers,
-            ssl_context=tls_context(self.config.tls) if self.config.tls else None,
-            server_class=SharedPortServer if self.config.receiver_processes > 1 else ThreadedAssociationServer)
+        try:
+            self.server = ae.make_server(
+                (self.config.bind, self.config.port), evt_handlers=handlers,
+                ssl_context=tls_context(self.config.tls) if self.config.tls else None,
+                server_class=SharedPortServer if self.config.receiver_processes > 1 else ThreadedAssociationServer)
+        except OSError as error:
+            _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = self._pynetdicom_settings
+            if error.errno == errno.EADDRINUSE:  # a setting to change, or another node to stop: no traceback
+                raise ConfigError(f"node.port: {self.config.bind}:{self.config.port} is already in use by "
+                                  "another process") from None
+            raise
         ae._servers.append(self.server)  # as AE.start_server does: the server's shutdown() removes it there
-        threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True).start()
+        self.thread = threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True)
+        self.thread.start()
         log("receiver listening", ae_title=self.config.ae_title, bind=self.config.bind, port=self.config.port,
             tls=bool(self.config.tls), shared_port=self.config.receiver_processes > 1)
+
+    def check(self) -> None:
+        """Raises when the listening thread has ended: nothing is received any more."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the receiver's listening thread has ended")
 
     def _accepted(self, event) -> None:
         if self.audit:

@@ -1,6 +1,8 @@
 """Periodic jobs (APScheduler): refresh gauges, remove half-written files, ping the systemd watchdog
 and, on one host (SQLite), promote stable studies, send results and purge by retention. With
-PostgreSQL those three run once per cluster as procrastinate periodic tasks (dicom_node/tasks.py)."""
+PostgreSQL those three run once per cluster as procrastinate periodic tasks (dicom_node/tasks.py).
+Every job is a `Loop`: an error is retried with backoff and never ends it; the frequent ones beat
+`liveness`, and the watchdog is pinged only while every loop of the process is alive."""
 from __future__ import annotations
 
 import time
@@ -8,6 +10,7 @@ import time
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Config
+from dicom_node.liveness import Liveness, Loop, guarded
 from dicom_node.logs import log
 from dicom_node.metrics import FREE_MB, INSTANCES, RESULTS
 from dicom_node.queue import Queue
@@ -33,20 +36,37 @@ def refresh_gauges(queue: Queue, spool: Spool) -> None:
     FREE_MB.set(spool.free_mb())
 
 
-def start_scheduler(config: Config, queue: Queue, spool: Spool, sender: Sender | None = None) -> BackgroundScheduler:
+def add_loop(scheduler: BackgroundScheduler, liveness: Liveness | None, name: str, function, *args,
+             **interval) -> None:
+    """`function(*args)` at this interval, as a loop that beats `liveness` (None: hourly, not watched)."""
+    scheduler.add_job(guarded(Loop(name, liveness), function, *args), trigger="interval", max_instances=1,
+                      coalesce=True, id=name, **interval)
+
+
+def start_scheduler(config: Config, queue: Queue, spool: Spool, liveness: Liveness,
+                    sender: Sender | None = None) -> BackgroundScheduler:
     """Node-local timers; with `sender` (the single-host engine) also promotion, sending and purge."""
     scheduler = BackgroundScheduler()
-    every = dict(trigger="interval", max_instances=1, coalesce=True)
     if sender:
-        scheduler.add_job(queue.promote_stable, args=[config.stable_seconds], seconds=0.5, id="promote", **every)
+        add_loop(scheduler, liveness, "promote", queue.promote_stable, config.stable_seconds, seconds=0.5)
         if config.destinations:
-            scheduler.add_job(sender.send_due, seconds=1, id="send", **every)
-        scheduler.add_job(purge_expired, args=[queue, config.retention_days], minutes=60, id="purge", **every)
-    scheduler.add_job(refresh_gauges, args=[queue, spool], seconds=5, id="gauges", **every)
+            add_loop(scheduler, liveness, "send", sender.send_due, seconds=1)
+        add_loop(scheduler, None, "purge", purge_expired, queue, config.retention_days, minutes=60)
+    add_loop(scheduler, liveness, "gauges", refresh_gauges, queue, spool, seconds=5)
     # what a crashed receiver left half written (files still being received are newer than this)
-    scheduler.add_job(spool.clean_temporary, args=[2 * config.network_timeout], minutes=60, id="clean", **every)
+    add_loop(scheduler, None, "clean", spool.clean_temporary, 2 * config.network_timeout, minutes=60)
     interval = watchdog_interval()
     if interval:
-        scheduler.add_job(notify, args=["WATCHDOG=1"], seconds=interval / 2, id="watchdog", **every)
+        scheduler.add_job(ping_watchdog, args=[liveness], trigger="interval", seconds=interval / 2, id="watchdog",
+                          max_instances=1, coalesce=True)
     scheduler.start()
     return scheduler
+
+
+def ping_watchdog(liveness: Liveness) -> None:
+    """Feed systemd's watchdog only while every loop is alive: a dead or stuck one gets the node restarted."""
+    stalled = liveness.stalled()
+    if stalled:
+        log("watchdog not pinged: loops without progress", 40, stalled_loops=stalled)
+    else:
+        notify("WATCHDOG=1")

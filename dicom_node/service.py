@@ -14,11 +14,12 @@ import warnings
 from dicom_node import __version__
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, ConfigError
+from dicom_node.liveness import Liveness, Loop
 from dicom_node.logs import log, setup_logging
 from dicom_node.outputs.identity import Algorithm
 from dicom_node.queue import Queue, QueueUnavailable, open_queue
 from dicom_node.receiver import Receiver
-from dicom_node.scheduler import start_scheduler
+from dicom_node.scheduler import add_loop, start_scheduler
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify
@@ -33,15 +34,15 @@ def algorithm_identity() -> Algorithm:
     return Algorithm(name="cxr-node lung+opacity U-Net", version=f"{info.version} sha256 {hashes}")
 
 
-HEARTBEAT_SECONDS = 5
+HEARTBEATS_PER_LIVENESS = 12  # a process's row in `status` is refreshed this often per liveness period (5 s at 60 s)
 FOLLOWED_PARENT = "CXR_NODE_PARENT_PID"  # set for the receiver processes an `all` process starts: they stop with it
 
 
-def join(queue: Queue, role: str) -> str:
+def join(queue: Queue, role: str, config: Config) -> str:
     """Register this process in the queue (what `cxr-node status` lists); returns its id."""
     host, pid = socket.gethostname(), os.getpid()
     process_id = f"{host}:{pid}:{time.time():.0f}"  # a restarted process never takes a dead one's id
-    queue.register(process_id, host, pid, role, __version__)
+    queue.register(process_id, host, pid, role, __version__, config.liveness_seconds)
     return process_id
 
 
@@ -104,38 +105,44 @@ def serve(config: Config, role: str = "all") -> int:
     # Files half written by a crash; not the ones receiver processes are writing now. On one host, the
     # jobs a crash interrupted; in a cluster, procrastinate's stalled-job retry brings those back.
     removed = spool.clean_temporary(2 * config.network_timeout)
-    recovered = 0 if cluster else queue.recover()
+    recovered, poisoned = (0, []) if cluster else queue.recover(config.max_attempts)
     log("starting", role=role, queue=config.queue_backend, config=config.source, state_dir=str(config.state_dir),
         recovered_jobs=recovered, removed_partial_files=removed,
         destinations=[d.name for d in config.destinations] or "results_dir")
+    for uid in poisoned:
+        log("instance failed: its analysis ended the worker every time", 40, uid=uid, attempts=config.max_attempts)
+    receiver = Receiver(config, queue, spool, audit) if role == "all" else None
+    if receiver:  # before any other thread: a port in use ends the process (exit 2) with nothing left running
+        receiver.start()
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers),
                              batch_size=min(config.batch_size, config.workers))  # a batch fills from concurrent jobs
     algorithm = algorithm_identity()
     audit.application(started=True)
-    process_id = join(queue, role)
+    process_id = join(queue, role, config)
     worker = Worker(config, queue, spool, pipeline, algorithm, process_id)
     sender = Sender(config, queue, audit)
+    liveness = Liveness(config.liveness_seconds)
     if cluster:
         from dicom_node.tasks import build_app, run_engines
-        workers = [threading.Thread(target=run_engines, name="jobs",
-                                    args=(build_app(config, queue, worker, sender), config, process_id, stop))]
+        workers = [threading.Thread(target=run_engines, name="jobs", args=(
+            build_app(config, queue, worker, sender), config, process_id, stop, liveness))]
     else:
-        workers = [threading.Thread(target=worker.run, args=(stop,), name=f"worker-{i}") for i in range(config.workers)]
+        workers = [threading.Thread(target=worker.run, args=(stop, Loop(f"worker-{i}", liveness)), name=f"worker-{i}")
+                   for i in range(config.workers)]
     for thread in workers:
         thread.start()
-    receiver = Receiver(config, queue, spool, audit) if role == "all" else None
-    if receiver:
-        receiver.start()
     receivers = ReceiverProcesses(config) if role == "all" else None
-    scheduler = start_scheduler(config, queue, spool, None if cluster else sender)
+    scheduler = start_scheduler(config, queue, spool, liveness, None if cluster else sender)
+    if receiver:
+        add_loop(scheduler, liveness, "receiver", receiver.check, seconds=2)
     if receivers:
-        scheduler.add_job(receivers.restart_dead, trigger="interval", seconds=2, max_instances=1, coalesce=True)
-    scheduler.add_job(heartbeat, args=[queue, process_id], trigger="interval", seconds=HEARTBEAT_SECONDS,
-                      max_instances=1, coalesce=True)
+        add_loop(scheduler, liveness, "receiver-processes", receivers.restart_dead, seconds=2)
+    add_loop(scheduler, None, "heartbeat", heartbeat, queue, process_id, liveness,  # watched in `status` instead
+             seconds=config.liveness_seconds / HEARTBEATS_PER_LIVENESS)
     health = None
     if config.health_port:
         from dicom_node.health import start_health_server
-        health = start_health_server(config, queue, spool)
+        health = start_health_server(config, queue, spool, liveness)
     notify("READY=1")
     log("ready", role=role, model=algorithm.version, onnx_providers=choose_providers(list(config.providers)))
     stop.wait()
@@ -158,26 +165,34 @@ def serve(config: Config, role: str = "all") -> int:
     return 0
 
 
-def heartbeat(queue: Queue, process_id: str) -> None:
-    """This process is alive (`cxr-node status`); a database outage only delays it."""
-    try:
-        queue.heartbeat(process_id)
-    except QueueUnavailable as error:
-        log("heartbeat not recorded: queue unavailable", 30, error=str(error)[:200])
+def heartbeat(queue: Queue, process_id: str, liveness: Liveness) -> None:
+    """This process is alive (`cxr-node status`): recorded only while every loop of it is, so a
+    process with a dead loop shows as late, then dead. Withheld or not written, it is the heartbeat loop's failure."""
+    if stalled := liveness.stalled():
+        raise RuntimeError(f"heartbeat withheld: no progress in {', '.join(sorted(stalled))}")
+    queue.heartbeat(process_id)
 
 
 def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail, stop: threading.Event) -> int:
     """Only the receiver (no models loaded): the `all` process's workers, or the cluster's, analyse
     what it takes."""
-    audit.application(started=True)
     receiver = Receiver(config, queue, spool, audit)
     receiver.start()
-    process_id = join(queue, "receiver")
+    audit.application(started=True)
+    process_id = join(queue, "receiver", config)
     parent = os.environ.get(FOLLOWED_PARENT)
 
+    liveness = Liveness(config.liveness_seconds)
+    loop = Loop("receiver", liveness)
+
     def heartbeat_and_watch_parent():  # the `all` process that started this one was killed (kill -9): follow it
-        while not stop.wait(HEARTBEAT_SECONDS):
-            heartbeat(queue, process_id)
+        while not stop.wait(config.liveness_seconds / HEARTBEATS_PER_LIVENESS):
+            try:
+                receiver.check()
+                loop.ok()
+                heartbeat(queue, process_id, liveness)
+            except Exception as error:
+                loop.failed(error)
             if parent and str(os.getppid()) != parent:
                 log("the node that started this receiver is gone; stopping", 30)
                 stop.set()

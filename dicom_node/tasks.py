@@ -17,6 +17,7 @@ from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.worker import Worker as Engine
 
 from dicom_node.config import Config
+from dicom_node.liveness import Liveness, Loop
 from dicom_node.logs import log
 from dicom_node.queue import QueueUnavailable, State
 from dicom_node.queue.postgresql import PostgresQueue
@@ -48,9 +49,12 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
 
     @app.task(name="analyse", queue="analyse", retry=UNTIL_RECORDED)
     def analyse(sop_uid: str) -> str:
-        job = queue.start(sop_uid, worker.process_id)
+        job = queue.start(sop_uid, worker.process_id, config.max_attempts)
         if job is None:
             return "nothing to do"  # finished by an earlier run of this job
+        if job.state is State.FAILED:
+            log("instance failed", 40, uid=sop_uid, reason=job.reason)
+            return str(job.state)
         state = worker.process(job)
         if state is State.DONE:
             for destination in worker.destinations:
@@ -90,35 +94,42 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
     return app
 
 
-def run_engines(app: procrastinate.App, config: Config, name: str, stop: threading.Event) -> None:
+def run_engines(app: procrastinate.App, config: Config, name: str, stop: threading.Event, liveness: Liveness) -> None:
     """procrastinate's workers until `stop`: `config.workers` jobs of `analyse` at a time, and apart
     from them (so that no send or periodic job waits for an inference) `send` and `cluster`. Each sends
     a heartbeat every stalled_seconds / 3; jobs that succeeded are deleted (the instance and result rows
-    are the record). A database outage stops an engine: it is started again."""
+    are the record). A database outage stops an engine: it is started again with backoff, and beats
+    `liveness` only while it runs."""
     options = dict(install_signal_handlers=False, update_heartbeat_interval=config.stalled_seconds / 3,
                    stalled_worker_timeout=config.stalled_seconds, shutdown_graceful_timeout=60,
                    fetch_job_polling_interval=1, listen_notify=True, delete_jobs="successful")
+    pool = Loop("engine-pool", None)  # watched through the engines: they run only while it is open
+    engines = {queue: Loop(f"engine-{queue}", liveness) for queue in ("analyse", "send")}
 
     async def supervise(queues: list[str], concurrency: int) -> None:
+        loop = engines[queues[0]]
         while not stop.is_set():
             engine = Engine(app=app, queues=queues, concurrency=concurrency, name=f"{name}/{queues[0]}", **options)
             running = asyncio.create_task(engine.run())
             while not running.done() and not stop.is_set():
                 await asyncio.sleep(0.2)
+                if not running.done():
+                    loop.ok()
             engine.stop()
             try:
                 await running
+                delay = 1  # it ended by itself: start it again
             except Exception as error:  # the database went away under it
-                log("job engine stopped; starting it again", 40, queues=queues, error=str(error)[:300])
+                delay = loop.failed(error)
             if not stop.is_set():
-                await asyncio.sleep(1)
+                await asyncio.sleep(delay)
 
     async def main() -> None:
         while not stop.is_set():
             try:
                 async with app.open_async():
+                    pool.ok()
                     await asyncio.gather(supervise(["analyse"], config.workers), supervise(["send", "cluster"], 2))
             except Exception as error:  # the pool could not open: the database is not reachable yet
-                log("job engine cannot reach PostgreSQL; trying again", 40, error=str(error)[:300])
-                await asyncio.sleep(2)
+                await asyncio.sleep(pool.failed(error))
     asyncio.run(main())

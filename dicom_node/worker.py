@@ -12,6 +12,7 @@ import pydicom
 
 from dicom_node import filter as chest_filter
 from dicom_node.config import Config
+from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
 from dicom_node.outputs.capture import build_capture
@@ -99,13 +100,20 @@ class Worker:
         log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
         return State.SKIPPED
 
-    def run(self, stop: threading.Event) -> None:
-        """The single-host engine (SQLite): claim, process, repeat, until `stop`."""
+    def run(self, stop: threading.Event, loop: Loop) -> None:
+        """The single-host engine (SQLite): claim, process, repeat, until `stop`. A claim or queue error
+        never ends it: it is retried with backoff, and the loop beats only while it can work."""
         while not stop.is_set():
-            if self.spool.free_mb() < self.config.min_free_mb:  # results need room too; wait for it
-                stop.wait(1)
+            try:
+                if self.spool.free_mb() < self.config.min_free_mb:  # results need room too; wait for it
+                    loop.ok()  # waiting by design (/healthz says why), not stuck
+                    stop.wait(1)
+                    continue
+                job = self.queue.claim_next(self.process_id)
+            except Exception as error:  # e.g. another process holds the SQLite queue past the busy timeout
+                stop.wait(loop.failed(error))
                 continue
-            job = self.queue.claim_next(self.process_id)
+            loop.ok()
             if job is None:
                 stop.wait(0.2)
                 continue
@@ -113,7 +121,7 @@ class Worker:
                 self.process(job)
             except QueueUnavailable as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
                 log("queue write failed; the job goes back to the queue once it can be written", 40,
-                    uid=job.sop_uid, error=str(error))
+                    uid=job.sop_uid, error=cause(error))
                 while not stop.wait(1):
                     with contextlib.suppress(QueueUnavailable):
                         self.queue.requeue(job.sop_uid, f"queue write failed: {error}")

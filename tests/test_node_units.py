@@ -42,6 +42,12 @@ def test_embedded_defaults_load():
     ('[queue]\nbackend = "postgresql"\n', "queue.dsn"),
     ('[queue]\nstalled_seconds = 1\n', "queue.stalled_seconds"),
     ("[processing]\nbatch_size = 0\n", "processing.batch_size"),
+    ('[node]\nrequire_called_ae = "no"\n', "node.require_called_ae: Input should be a valid boolean, got 'no'"),
+    ('[tls]\nrequire_client_certificate = "false"\n', "tls.require_client_certificate"),
+    ('[health]\nport = "8088"\n', "health.port"),
+    ("[processing]\nliveness_seconds = 0\n", "processing.liveness_seconds"),
+    ("[processing]\nmax_attempts = 1.5\n", "processing.max_attempts"),
+    ("[nodes]\nport = 104\n", "unknown setting 'nodes'"),
 ])
 def test_invalid_settings_are_named(tmp_path, text, message):
     path = tmp_path / "site.toml"
@@ -56,6 +62,32 @@ def test_cli_exits_2_on_a_bad_configuration(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(path)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "node.port" in result.stderr
+
+
+def test_a_string_where_a_boolean_belongs_stops_serve_with_exit_2_naming_the_key(tmp_path):
+    """bool("no") is True: the node once started with require_called_ae = "no" checking called AE titles."""
+    path = tmp_path / "site.toml"
+    path.write_text(f'[node]\nrequire_called_ae = "no"\n[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and "node.require_called_ae" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "state").exists()  # nothing started
+
+
+def test_a_port_in_use_stops_serve_with_exit_2_and_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "site.toml"
+        path.write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n[health]\nport = 0\n')
+        result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (f"cxr-node: configuration error: node.port: 127.0.0.1:{port} is already "
+                                              "in use by another process")
 
 
 def received(queue, tmp_path, uid="1.2.3", study="9") -> bool:
@@ -78,7 +110,7 @@ def test_interrupted_jobs_are_recovered_and_results_not_duplicated(make_queue, t
     assert queue.claim_next().sop_uid == "1.2.3"
     queue.close()
     queue = make_queue()  # as after kill -9 during processing
-    assert queue.recover() == 1
+    assert queue.recover(3) == (1, [])
     job = queue.claim_next()
     assert job.state == State.PROCESSING and job.attempts == 2  # this claim is the second attempt
     assert held_bytes(queue.input_file(job)) == b"DICM1.2.3"
@@ -86,7 +118,40 @@ def test_interrupted_jobs_are_recovered_and_results_not_duplicated(make_queue, t
     queue.complete(job, results, ["pacs"], "tags", 12.5)
     queue.complete(job, results, ["pacs"], "tags", 12.5)  # reprocessing gives the same result UIDs
     assert queue.counts()["results"]["pending"] == 2
-    assert queue.start("1.2.3", "h:1:1") is None  # a re-delivered job of a finished instance does nothing
+    assert queue.start("1.2.3", "h:1:1", 3) is None  # a re-delivered job of a finished instance does nothing
+
+
+def test_an_instance_whose_worker_died_max_attempts_times_ends_failed_until_retried(make_queue, tmp_path):
+    """The single-host engine counts a death at recovery, a job engine when another process starts the job
+    a dead one left 'processing': the `max_attempts`th death fails the instance with why; `retry` resets it."""
+    queue = make_queue()
+    received(queue, tmp_path)
+    queue.promote_stable(0)
+    died = "worker died 3 times while analysing it"
+    for attempt in (1, 2):
+        assert queue.claim_next("h:1:1").attempts == attempt
+        assert queue.recover(3) == (1, [])  # the node restarted after its worker died
+    assert queue.claim_next("h:1:1").attempts == 3
+    assert queue.recover(3) == (0, ["1.2.3"])
+    assert (queue.instance("1.2.3").state, queue.instance("1.2.3").reason) == (State.FAILED, died)
+    assert queue.counts()["instances"]["failed"] == 1 and queue.last_errors()[0]["error"] == died
+    assert queue.retry_failed("1.2.3") == 1 and queue.instance("1.2.3").attempts == 0
+    assert queue.start("1.2.3", "w1", 3).attempts == 1
+    assert queue.start("1.2.3", "w1", 3).attempts == 1  # w1's own re-run (outcome not recorded): not a new attempt
+    assert queue.start("1.2.3", "w2", 3).attempts == 2  # w1 died holding it
+    assert queue.start("1.2.3", "w3", 3).attempts == 3
+    failed = queue.start("1.2.3", "w4", 3)  # w3 died too: the third death
+    assert (failed.state, failed.reason) == (State.FAILED, died)
+    assert queue.start("1.2.3", "w5", 3) is None  # a late duplicate of the job does nothing
+
+
+def test_a_job_put_back_on_purpose_is_not_counted_as_an_attempt(make_queue, tmp_path):
+    queue = make_queue()
+    received(queue, tmp_path)
+    queue.promote_stable(0)
+    queue.claim_next()
+    queue.requeue("1.2.3", "disk full: No space left on device")
+    assert queue.claim_next().attempts == 1
 
 
 def test_failed_sends_back_off_and_are_never_dropped(make_queue, tmp_path):
@@ -127,7 +192,7 @@ def test_retention_purges_the_bytes_of_finished_work_only(make_queue, tmp_path):
     for uid in ("1.1", "1.2"):
         received(queue, tmp_path, uid)
         queue.promote_stable(0)
-        job = queue.start(uid, None)
+        job = queue.start(uid, None, 3)
         queue.complete(job, [(f"2.25.{uid}", "SEG", b"seg")], ["pacs"], "tags", 1.0)
     queue.mark_sent("2.25.1.1", "pacs")
     assert queue.purge(older_than=time.time() + 1) == 2  # 1.1's input and its sent SEG; 1.2 still sending
@@ -187,7 +252,7 @@ def test_echo_fails_when_the_node_itself_does_not_answer(tmp_path):
 
 def test_the_node_reaches_the_model_only_through_its_interface():
     """Serving code imports `model.infer` and `model.image` only; the CLI also dispatches the model's
-    own commands (`evaluate`, `train`) to `model.evaluate` and `model.training`."""
+    own commands (`evaluate`, `train`) to `model.evaluate`, `model.evidence` and `model.training`."""
     import ast
 
     allowed = {"model.infer", "model.image"}
@@ -198,7 +263,7 @@ def test_the_node_reaches_the_model_only_through_its_interface():
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported |= {alias.name for alias in node.names if alias.name.split(".")[0] == "model"}
-        extra = {"model.evaluate", "model.training"} if path.name == "cli.py" else set()
+        extra = {"model.evaluate", "model.evidence", "model.training"} if path.name == "cli.py" else set()
         assert imported <= allowed | extra, (path.name, imported - allowed - extra)
 
 
@@ -258,16 +323,21 @@ def test_an_old_queue_is_migrated_and_a_newer_one_refused(tmp_path):
 
 def test_status_lists_the_processes_and_the_jobs_they_hold(make_queue, tmp_path):
     queue = make_queue()
-    queue.register("h:10:1", "h", 10, "all", "0.4.0")
-    queue.register("h:11:1", "h", 11, "receiver", "0.4.0")
+    queue.register("h:10:1", "h", 10, "all", "0.4.0", 60)
+    queue.register("h:11:1", "h", 11, "receiver", "0.4.0", 60)
     queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm", state="queued")
     queue.claim_next("h:10:1")
-    processes = {p["pid"]: p for p in queue.processes()}
+    processes = {p["pid"]: p for p in queue.processes(60)}
     assert processes[10]["role"] == "all" and processes[10]["jobs_in_flight"] == 1
     assert processes[11]["role"] == "receiver" and processes[11]["jobs_in_flight"] == 0
-    assert processes[10]["heartbeat_age_s"] < 5
+    assert processes[10]["heartbeat_age_s"] < 5 and processes[10]["verdict"] == "alive"
     queue.unregister("h:11:1")
-    assert [p["pid"] for p in queue.processes()] == [10]
+    assert [p["pid"] for p in queue.processes(60)] == [10]
+    time.sleep(0.6)  # no heartbeat since: late past a quarter of the liveness period, dead past all of it
+    assert [p["verdict"] for p in queue.processes(2)] == ["late"]
+    assert [p["verdict"] for p in queue.processes(0.5)] == ["dead"]
+    queue.register("h:12:1", "h", 12, "worker", "0.4.0", 0.05)  # dead for 10 periods: forgotten
+    assert [p["pid"] for p in queue.processes(60)] == [12]
 
 
 def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_nothing(tmp_path, dicom_dir):

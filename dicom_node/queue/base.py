@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS processes (
     version TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL);
 """
 
+# `cxr-node status` forgets a process this many liveness periods after its last heartbeat (600 s at 60 s).
+FORGET_AFTER_LIVENESS = 10
+# The reason of an instance whose analysis ended its worker every time it was tried (SQL both backends run).
+DIED = "'worker died ' || attempts || ' times while analysing it'"
+
 
 class Queue:
     """Shared by both backends; `results_dir` is where results go when no destination is configured."""
@@ -108,27 +113,46 @@ class Queue:
         return len(uids)
 
     # ------------------------------------------------------------ worker side
-    def recover(self) -> int:
-        """Jobs interrupted by a crash go back to the queue (the single-host engine; with a job engine,
-        its stalled-job retry does this)."""
-        return self._transaction(lambda db: db.execute(
-            "UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'processing'",
-            (time.time(),)).rowcount)
+    def recover(self, max_attempts: int) -> tuple[int, list[str]]:
+        """Jobs interrupted by a crash (their worker died while analysing them) go back to the queue, those
+        whose analysis ended its worker `max_attempts` times end failed instead: an image that kills its
+        worker must not kill it for ever (the single-host engine; a job engine's retry goes through `start`).
+        Returns (jobs queued again, UIDs failed)."""
+        def statements(db):
+            now = time.time()
+            failed = db.execute(f"UPDATE instances SET state = 'failed', reason = {DIED}, updated_at = ?"
+                                " WHERE state = 'processing' AND attempts >= ? RETURNING sop_uid",
+                                (now, max_attempts)).fetchall()
+            queued = db.execute("UPDATE instances SET state = 'queued', updated_at = ? WHERE state = 'processing'",
+                                (now,)).rowcount
+            return queued, [row["sop_uid"] for row in failed]
+        return self._transaction(statements)
 
     def claim_next(self, process_id: str | None = None) -> Job | None:
         """The oldest queued job, now 'processing' and claimed by `process_id` (the single-host engine)."""
-        return self._claim("sop_uid = (SELECT sop_uid FROM instances WHERE state = 'queued' ORDER BY received_at"
-                           " LIMIT 1)", (), process_id)
-
-    def start(self, sop_uid: str, process_id: str | None) -> Job | None:
-        """The instance, now 'processing' and claimed by `process_id`; None if it is in no state to
-        start (finished). 'processing' is allowed: a job engine's retry of a job whose worker died."""
-        return self._claim("sop_uid = ? AND state IN ('queued', 'processing')", (sop_uid,), process_id)
-
-    def _claim(self, where: str, args: tuple, process_id: str | None) -> Job | None:
         rows = self._transaction(lambda db: db.execute(
             "UPDATE instances SET state = 'processing', attempts = attempts + 1, updated_at = ?, claimed_by = ?"
-            f" WHERE {where} RETURNING *", (time.time(), process_id, *args)).fetchall())
+            " WHERE sop_uid = (SELECT sop_uid FROM instances WHERE state = 'queued' ORDER BY received_at LIMIT 1)"
+            " RETURNING *", (time.time(), process_id)).fetchall())
+        return from_row(Job, dict(rows[0])) if rows else None
+
+    def start(self, sop_uid: str, process_id: str, max_attempts: int) -> Job | None:
+        """A job engine runs the instance's job: the instance now 'processing' and claimed by `process_id`,
+        or 'failed' when it was still 'processing' under another claimer (whose worker died) for the
+        `max_attempts`th time; None if it is in no state to start (finished). This process's own re-run
+        (its outcome could not be recorded) is not a new attempt."""
+        def statements(db):
+            now = time.time()
+            rows = db.execute(
+                f"UPDATE instances SET state = 'failed', reason = {DIED}, updated_at = ? WHERE sop_uid = ?"
+                " AND state = 'processing' AND COALESCE(claimed_by, '') != ? AND attempts >= ? RETURNING *",
+                (now, sop_uid, process_id, max_attempts)).fetchall()
+            return rows or db.execute(
+                "UPDATE instances SET state = 'processing', updated_at = ?, attempts = attempts + CASE"
+                " WHEN state = 'processing' AND claimed_by = ? THEN 0 ELSE 1 END, claimed_by = ?"
+                " WHERE sop_uid = ? AND state IN ('queued', 'processing') RETURNING *",
+                (now, process_id, process_id, sop_uid)).fetchall()
+        rows = self._transaction(statements)
         return from_row(Job, dict(rows[0])) if rows else None
 
     def input_file(self, job: Job):
@@ -172,16 +196,19 @@ class Queue:
         self._transaction(statements)
 
     def requeue(self, sop_uid: str, reason: str) -> None:
-        """processing -> queued, keeping why (e.g. the disk filled up during the job)."""
+        """processing -> queued, keeping why (e.g. the disk filled up during the job); a run put back on
+        purpose is not counted as an attempt (attempts count the runs that ended or killed their worker)."""
         self._transaction(lambda db: db.execute(
-            "UPDATE instances SET state = 'queued', reason = ?, updated_at = ? WHERE sop_uid = ?",
+            "UPDATE instances SET state = 'queued', reason = ?, attempts = attempts - 1, updated_at = ?"
+            " WHERE sop_uid = ?",
             (reason, time.time(), sop_uid)))
 
     def retry_failed(self, sop_uid: str | None = None) -> int:
-        """failed -> queued (all failed instances, or one)."""
+        """failed -> queued (all failed instances, or one), with their attempts counted from 0 again."""
         where, args = ("AND sop_uid = ?", (sop_uid,)) if sop_uid else ("", ())
         return self._transaction(lambda db: db.execute(
-            f"UPDATE instances SET state = 'queued', reason = NULL, updated_at = ? WHERE state = 'failed' {where}",
+            "UPDATE instances SET state = 'queued', reason = NULL, attempts = 0, updated_at = ?"
+            f" WHERE state = 'failed' {where}",
             (time.time(), *args)).rowcount)
 
     # ------------------------------------------------------------ sender side
@@ -241,12 +268,13 @@ class Queue:
             "SELECT DISTINCT destination FROM results WHERE state = 'pending' AND next_attempt_at <= ?", (time.time(),))]
 
     # ------------------------------------------------------------ the node's processes
-    def register(self, process_id: str, host: str, pid: int, role: str, version: str) -> None:
-        """A process joins (rows of processes silent for 10 minutes are dropped: they died)."""
+    def register(self, process_id: str, host: str, pid: int, role: str, version: str, liveness_seconds: float) -> None:
+        """A process joins; rows of processes dead for FORGET_AFTER_LIVENESS periods are dropped."""
         now = time.time()
 
         def statements(db):
-            db.execute("DELETE FROM processes WHERE heartbeat_at < ? OR process_id = ?", (now - 600, process_id))
+            db.execute("DELETE FROM processes WHERE heartbeat_at < ? OR process_id = ?",
+                       (now - FORGET_AFTER_LIVENESS * liveness_seconds, process_id))
             db.execute("INSERT INTO processes VALUES (?,?,?,?,?,?,?)", (process_id, host, pid, role, version, now, now))
         self._transaction(statements)
 
@@ -257,14 +285,19 @@ class Queue:
     def unregister(self, process_id: str) -> None:
         self._transaction(lambda db: db.execute("DELETE FROM processes WHERE process_id = ?", (process_id,)))
 
-    def processes(self) -> list[dict]:
-        """Every registered process: role, host, pid, version, seconds since its heartbeat, jobs it holds."""
+    def processes(self, liveness_seconds: float) -> list[dict]:
+        """Every registered process: role, host, pid, version, seconds since its heartbeat, its verdict and
+        the jobs it holds. A process records its heartbeat only while all its loops are alive: `alive` within
+        a quarter of `liveness_seconds` (a few heartbeats), `late` within `liveness_seconds`, else `dead`."""
         rows = self._query("SELECT p.*, (SELECT COUNT(*) FROM instances i WHERE i.state = 'processing'"
                            " AND i.claimed_by = p.process_id) jobs_in_flight FROM processes p ORDER BY started_at")
         now = time.time()
+
+        def verdict(age: float) -> str:
+            return "alive" if age <= liveness_seconds / 4 else "late" if age <= liveness_seconds else "dead"
         return [{"role": r["role"], "host": r["host"], "pid": r["pid"], "version": r["version"],
-                 "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "jobs_in_flight": r["jobs_in_flight"]}
-                for r in rows]
+                 "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "verdict": verdict(now - r["heartbeat_at"]),
+                 "jobs_in_flight": r["jobs_in_flight"]} for r in rows]
 
     # ------------------------------------------------------------ reporting and retention
     def counts(self) -> dict:

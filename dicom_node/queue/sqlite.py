@@ -32,6 +32,12 @@ class SQLiteQueue(Queue):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the sender hears 0x0000
         self._migrate()
+        # Reads on their own connection: in WAL mode they never wait for a writer, so /healthz and `status`
+        # answer while a writer of this process waits out another process's lock (up to the busy timeout).
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout)
+        self._reader.row_factory = sqlite3.Row
         self.path.chmod(0o600)
 
     def _migrate(self) -> None:
@@ -67,9 +73,9 @@ class SQLiteQueue(Queue):
                 raise
 
     def _query(self, sql, args=()):
-        with self._lock:
+        with self._read_lock:
             try:
-                return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+                return [dict(row) for row in self._reader.execute(sql, args).fetchall()]
             except sqlite3.Error as error:
                 raise QueueUnavailable(str(error)) from error
 
@@ -94,5 +100,6 @@ class SQLiteQueue(Queue):
             Path(path).unlink(missing_ok=True)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
