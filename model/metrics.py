@@ -64,3 +64,32 @@ def roc_auc(scores, positive) -> dict:
     fpr, tpr, _ = roc_curve(positive, scores)
     return {"n": int(len(scores)), "positives": int(positive.sum()),
             "auc": float(roc_auc_score(positive, scores)), "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def boundary_counts(pred: np.ndarray, truth: np.ndarray, tolerance_px: int) -> dict:
+    """Boundary pixels of each mask and how many lie within `tolerance_px` of the other's boundary
+    (Csurka et al. 2013); `boundary_f1` of the sums over images gives a pooled figure."""
+    import cv2
+
+    def edge(mask):
+        mask = mask.astype(np.uint8)
+        return (mask - cv2.erode(mask, np.ones((3, 3), np.uint8))) > 0
+
+    def near(edges):  # pixels within the tolerance of any edge pixel
+        if not edges.any():
+            return np.zeros_like(edges)
+        return cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, 3) <= tolerance_px
+
+    pred_edge, truth_edge = edge(pred), edge(truth)
+    return {"pred": int(pred_edge.sum()), "pred_matched": int((pred_edge & near(truth_edge)).sum()),
+            "truth": int(truth_edge.sum()), "truth_matched": int((truth_edge & near(pred_edge)).sum())}
+
+
+def boundary_f1(counts: dict) -> float | None:
+    """F1 of boundary precision (predicted boundary near the truth's) and recall (truth's boundary near the
+    prediction's); None when neither mask has a boundary."""
+    if not counts["pred"] and not counts["truth"]:
+        return None
+    precision = counts["pred_matched"] / counts["pred"] if counts["pred"] else 0.0
+    recall = counts["truth_matched"] / counts["truth"] if counts["truth"] else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
