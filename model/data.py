@@ -73,7 +73,8 @@ def load_records(data_dir: Path) -> list[Record]:
             records.append(Record(
                 filename=row["filename"],
                 image_path=data_dir / "images" / row["filename"],
-                # Images without a patient id are each their own patient.
+                # Images without a patient id are each their own patient. A raw id, not a patient key:
+                # model.patients merges the ids of twin films.
                 patient=row.get("patientid") or f"image:{row['filename']}",
                 row=row,
                 lung_mask_path=path("lung_mask_v7"),
@@ -118,7 +119,11 @@ def rasterize_labelme_doc(doc: dict, shape: tuple[int, int]) -> dict[str, np.nda
 
 
 def make_split(records: list[Record], seed: int = 20201, fractions=(0.7, 0.15, 0.15)) -> dict[str, str]:
-    """Patient -> 'train' | 'val' | 'test', by a seeded hash of the patient id (stable as data grows)."""
+    """Patient -> 'train' | 'val' | 'test', by a seeded hash of the patient id (stable as data grows).
+
+    This is the 2.x lung model's split (split.csv), by the raw `patientid`, kept as it was. Raw ids are
+    not patients: two merged patients (137 with 202, 13 with an id-less image) straddle its test and
+    train parts. Cross-validation folds and the locked test set use merged patients (model.patients)."""
     split = {}
     for patient in sorted({r.patient for r in records}):
         draw = int(hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

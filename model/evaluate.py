@@ -273,3 +273,24 @@ def write_report(rows: list[dict], out_dir: Path, about: dict) -> dict:
     plot_curves(metrics, rows, out_dir)
     print_table(metrics)
     return metrics
+
+
+def score_locked_test(cxr_dir: Path, quex_dir: Path, pipeline: Pipeline, out_path: Path) -> dict:
+    """The locked test set (model/locked_test.csv) scored by `pipeline`, written as evidence (one row per
+    image, no masks; `patient` the merged key). To be run once, with the shipped model."""
+    from model.data import load_quex_records
+    from model.evidence import score_quex_image
+    from model.patients import image_id, read_locked
+
+    locked = read_locked()
+    doc = {"about": {"model_version": pipeline.version, "set": "locked test (model/locked_test.csv)"},
+           "cohen": [], "quex": []}
+    for record in tqdm([r for r in load_records(cxr_dir) if image_id("cxr", r.filename) in locked], desc="locked cxr"):
+        row = score_image(record, pipeline.segment(read_gray(record.image_path)))
+        doc["cohen"].append(dict(row, patient=locked[image_id("cxr", record.filename)]))
+    for record in tqdm([q for q in load_quex_records(quex_dir) if image_id("qu-ex", q.filename) in locked],
+                       desc="locked qu-ex"):
+        row = score_quex_image(record, pipeline.segment(read_gray(record.image_path)))
+        doc["quex"].append(dict(row, patient=locked[image_id("qu-ex", record.filename)]))
+    Path(out_path).write_text(json.dumps(doc, default=float, indent=0) + "\n")
+    return doc

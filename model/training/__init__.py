@@ -32,11 +32,16 @@ def prepare(data_dir: Path, quex_dir: Path, out_dir: Path, recipe: Recipe) -> In
     from model.training.samples import cached, cohen_samples, quex_samples
     from model.training.stages import keras_pipeline, lung_model
 
+    from model.patients import held_out, image_id, merged_patients
+
     lungs = lung_model(data_dir, out_dir, recipe)
     lung_pipeline = keras_pipeline(lungs)
     size = recipe.opacity_size
-    records = load_records(data_dir)
-    quex_records = load_quex_records(quex_dir)
+    records, quex_records = load_records(data_dir), load_quex_records(quex_dir)
+    # The locked test set's merged patients (model/locked_test.csv) train nothing and enter no fold.
+    held = held_out(merged_patients(records, quex_records))
+    records = [r for r in records if image_id("cxr", r.filename) not in held]
+    quex_records = [q for q in quex_records if image_id("qu-ex", q.filename) not in held]
     # The crops follow the lung model's lungs, so retrained lungs get caches of their own.
     tag = f"{size}-retrained-lungs" if recipe.retrain_lungs else str(size)
     quex = cached(out_dir / "cache" / f"quex-{tag}.npz", lambda: quex_samples(quex_records, lung_pipeline, size))
@@ -56,8 +61,14 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
     from model.training.report import ablation_table
 
     shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
+    from model.patients import image_id, merged_patients
+
     results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,
                              out_dir, recipe, sheet_variant=shipped)
+    patients = merged_patients(inputs.records, inputs.quex_records)
+    for variant_rows in results.values():  # bootstrap intervals resample merged patients
+        for row in variant_rows:
+            row["patient"] = patients[image_id("cxr", row["filename"])]
     ablation, rows = {}, {}
     for variant in VARIANTS:
         rows[variant] = brixia_from_zone_opacity(results[variant])
@@ -67,10 +78,40 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
     write_report(rows[shipped], out_dir / "cv", {
         "cross_validated": f"{recipe.folds}-fold by patient", "variant": shipped, "model_version": recipe.version})
     contact_sheet(out_dir / "contact-sheet", out_dir / "cv" / "contact-sheet.png")
+    (out_dir / "evidence").mkdir(exist_ok=True)  # committed to model/evidence/ with the weights it scored
+    (out_dir / "evidence" / "cv.json").write_text(json.dumps({
+        "about": {"cross_validated": f"{recipe.folds}-fold by merged patient", "variant": shipped,
+                  "model_version": recipe.version}, "cohen": rows[shipped]}, default=float) + "\n")
     print(ablation_table(ablation))
     brixia = BrixiaMapping.fit(*mean_rater_zone_scores(results[shipped]))
     brixia.save(out_dir / "cv" / "brixia.json")
     return brixia
+
+
+def with_cohen_twins(inputs: Inputs) -> set[str]:
+    """QU-Ex filenames whose merged patient holds a Cohen image: stage A never sees them, so it is a
+    fair start for every cross-validation fold."""
+    from model.patients import image_id, merged_patients
+
+    patients = merged_patients(inputs.records, inputs.quex_records)
+    cohen = {patients[image_id("cxr", r.filename)] for r in inputs.records}
+    return {q.filename for q in inputs.quex_records if patients[image_id("qu-ex", q.filename)] in cohen}
+
+
+def provenance(inputs: Inputs) -> dict:
+    """What the manifest records of a model's making: the data version (sha256 of the sorted training
+    image lists and of the locked test list) and the code commit."""
+    import hashlib
+    import subprocess
+
+    from model.patients import LOCKED_FILE
+
+    listing = "\n".join(sorted([f"cxr/{r.filename}" for r in inputs.records] +
+                               [f"qu-ex/{q.filename}" for q in inputs.quex_records]))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"data_version": hashlib.sha256(listing.encode() + LOCKED_FILE.read_bytes()).hexdigest(),
+            "code_commit": commit or "unknown"}
 
 
 def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path | None = None) -> Path:
@@ -84,8 +125,8 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(recipe.as_dict(), indent=1))
     inputs = prepare(data_dir, Path(quex_dir) if quex_dir else data_dir.parent / "covid-qu-ex", out_dir, recipe)
-    duplicates = {q.filename for q in inputs.quex_records if q.cohen_filename}
-    stage_a = quex_stage(inputs.lungs, inputs.quex.subset([n not in duplicates for n in inputs.quex.names]),
+    twins = with_cohen_twins(inputs)
+    stage_a = quex_stage(inputs.lungs, inputs.quex.subset([n not in twins for n in inputs.quex.names]),
                          out_dir / "opacity-A", recipe)
     brixia = report_cross_validation(inputs, stage_a, out_dir, recipe)
 
@@ -105,7 +146,7 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     round_weights_to_float16(final)
     export_onnx(final, weights / "opacity.onnx")
     brixia.save(weights / "brixia.json")
-    write_manifest(weights, recipe.version, {"recipe": recipe.as_dict()})
+    write_manifest(weights, recipe.version, {"recipe": recipe.as_dict(), **provenance(inputs)})
     print(f"weights written to {weights}; copy them to model/weights/ to ship them")
     return weights
 

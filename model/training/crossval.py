@@ -3,6 +3,8 @@
 Every Cohen image is scored by a model that never saw its patient: stage A never sees a Cohen image
 (the QU-Ex rows that duplicate one are left out of it), so it is a fair start for every fold; stage B
 of fold k trains on the other folds' labels and on QU-Ex rows that do not duplicate a fold-k image.
+Patients are merged patients (`model.patients`: ids joined by twin films across both collections);
+the locked test set's patients are in no fold and train no fold model.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from tqdm import tqdm
 
 from model.brixia import BrixiaMapping, mean_rater_zone_scores
 from model.data import QuexRecord, Record, rasterize_labelme
+from model.patients import held_out, image_id, merged_patients
+from model.patients import patient_folds as merged_patient_folds
 from model.image import read_gray
 from model.evaluate import overlay, score_image
 from model.training.recipe import Recipe
@@ -26,11 +30,13 @@ CONTACT_SHEET_IMAGES = 24
 VARIANTS = ("QU-Ex only", "QU-Ex + zones/extent", "QU-Ex + zones/extent + polygons")
 
 
-def patient_folds(records: list[Record], folds: int, seed: int) -> dict[str, int]:
-    """Patient -> fold, by a seeded permutation of the sorted patient ids."""
-    patients = sorted({r.patient for r in records})
-    order = np.random.default_rng(seed).permutation(len(patients))
-    return {patients[i]: k % folds for k, i in enumerate(order)}
+def patient_folds(records: list[Record], folds: int, seed: int, quex_records=(), locked=None) -> dict[str, int]:
+    """Cohen filename -> fold, by merged patient (a seeded permutation of the sorted merged keys of
+    the patients with no locked image); images of the locked test set's patients have no fold."""
+    patients = merged_patients(records, quex_records)
+    cohen = {image_id("cxr", r.filename): r.filename for r in records}
+    fold_of = merged_patient_folds({i: patients[i] for i in cohen}, folds, seed, locked)
+    return {name: fold_of[patients[i]] for i, name in cohen.items() if patients[i] in fold_of}
 
 
 class CachedRunner:
@@ -76,11 +82,13 @@ def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs,
     """Per variant, one scored row per Cohen image (from the fold model that never saw its patient);
     overlays of 24 seeded random images of `sheet_variant` in out_dir/contact-sheet. Fold models are
     checkpointed in out_dir, so a rerun only scores."""
-    fold_of = patient_folds(records, recipe.folds, recipe.seed)
-    patient_of = {r.filename: r.patient for r in records}
-    fold_of_name = {r.filename: fold_of[r.patient] for r in records}
-    quex_fold = {q.filename: fold_of[patient_of[q.cohen_filename]] for q in quex_records
-                 if q.cohen_filename in patient_of}
+    fold_of_name = patient_folds(records, recipe.folds, recipe.seed, quex_records)  # locked images: none
+    patients = merged_patients(records, quex_records)
+    fold_of_patient = {patients[image_id("cxr", name)]: k for name, k in fold_of_name.items()}
+    held = held_out(patients)
+    # A QU-Ex row trains fold k unless its merged patient is in fold k or held out for the locked test.
+    quex_fold = {q.filename: -2 if image_id("qu-ex", q.filename) in held
+                 else fold_of_patient.get(patients[image_id("qu-ex", q.filename)], -1) for q in quex_records}
     stage_a_path = out_dir / "opacity-A" / "final.h5"
     lung_runner = CachedRunner(keras_pipeline(lungs).lung_runner)
     grays: dict = {}
@@ -97,14 +105,15 @@ def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs,
                 model = stage_a
             else:
                 polygons = variant == VARIANTS[2]
-                train = cohen.subset([fold_of_name[n] != k for n in cohen.names])
+                train = cohen.subset([fold_of_name.get(n, k) != k for n in cohen.names])
                 train = train if polygons else without_polygons(train)
-                quex_k = quex.subset([quex_fold.get(n, -1) != k for n in quex.names])
+                quex_k = quex.subset([quex_fold.get(n, -1) not in (k, -2) for n in quex.names])
                 model = cohen_stage(lungs, stage_a_path, train, quex_k, out_dir / f"cv-{stage_b_tag(polygons)}-fold{k}",
                                     recipe, desc=f"{variant} fold {k}")
             pipeline = keras_pipeline(lungs, model)
             pipeline.lung_runner = lung_runner
-            rows += score_records([r for r in records if fold_of[r.patient] == k], pipeline, grays, k, sheet, sheet_dir)
+            rows += score_records([r for r in records if fold_of_name.get(r.filename) == k], pipeline, grays, k, sheet,
+                                  sheet_dir)
         results[variant] = rows
         (out_dir / "cv_rows.json").write_text(json.dumps(results, default=float))
     return results

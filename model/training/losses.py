@@ -47,7 +47,7 @@ def zone_soft_maxima(prob, zones, sharpness):
     onehot = tf.one_hot(tf.cast(zones, tf.int32) - 1, 6)
     area = tf.reduce_sum(onehot, axis=(1, 2))
     exp_sum = tf.reduce_sum(tf.exp(sharpness * prob) * onehot, axis=(1, 2))
-    return tf.math.log(exp_sum / (area + EPS) + EPS) / sharpness
+    return tf.math.log(tf.maximum(exp_sum / tf.maximum(area, 1.0), 1.0)) / sharpness  # an empty zone: 0
 
 
 def weak_losses(prob, batch, recipe) -> dict:
