@@ -65,6 +65,7 @@ class Config:
     onnx_threads: int
     providers: tuple[str, ...]
     secondary_capture: bool
+    presentation_state: bool
     destinations: tuple[Destination, ...]
     retry_initial_seconds: float
     retry_max_seconds: float
@@ -155,6 +156,7 @@ class _Processing(_Section):
 
 class _Outputs(_Section):
     secondary_capture: bool
+    presentation_state: bool
 
 
 class _Retry(_Section):
@@ -306,6 +308,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         batch_size=processing.batch_size, onnx_threads=processing.onnx_threads,
         liveness_seconds=processing.liveness_seconds, max_attempts=processing.max_attempts,
         providers=tuple(processing.providers), secondary_capture=settings.outputs.secondary_capture,
+        presentation_state=settings.outputs.presentation_state,
         destinations=tuple(destinations), retry_initial_seconds=settings.retry.initial_seconds,
         retry_max_seconds=settings.retry.max_seconds, retention_days=settings.retention.days,
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,

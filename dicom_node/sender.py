@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage, Verification
+from pynetdicom.sop_class import (ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage,
+                                  SecondaryCaptureImageStorage, SegmentationStorage, Verification)
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.audit import AuditTrail
@@ -20,7 +21,8 @@ from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 
 # The SR carries 2D image coordinates only, so it is Comprehensive SR, which more PACS store than
 # Comprehensive 3D SR; Enhanced SR cannot carry TID 1500's by-reference content and is not proposed.
-RESULT_SOP_CLASSES = (SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage)
+RESULT_SOP_CLASSES = (SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
+                      GrayscaleSoftcopyPresentationStateStorage)
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 STORED, WARNING, TRANSIENT, PERMANENT = "stored", "warning", "transient", "permanent"
 # Failures worth trying again as they are: the PACS is short of resources or busy.

@@ -17,6 +17,7 @@ from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
 from dicom_node.outputs.capture import build_capture
 from dicom_node.outputs.identity import Algorithm
+from dicom_node.outputs.presentation import build_presentation_state
 from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
@@ -87,6 +88,8 @@ class Worker:
         if self.config.secondary_capture:
             shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
             outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received)))
+        if self.config.presentation_state:
+            outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received)))
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
                 f"{ds.get('PhotometricInterpretation', '')}") if seg.inverted else None

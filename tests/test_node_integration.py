@@ -303,11 +303,11 @@ def predicted_brixia_scores(image, out_dir) -> dict:
     return scores
 
 
-def test_optional_secondary_capture_shows_the_outlines_for_pacs_without_seg(tmp_path, inputs):
-    node = Node(tmp_path / "node", outputs={"secondary_capture": True}).start()
+def test_optional_secondary_capture_and_presentation_state_show_the_outlines_for_pacs_without_seg(tmp_path, inputs):
+    node = Node(tmp_path / "node", outputs={"secondary_capture": True, "presentation_state": True}).start()
     try:
         assert dcmsend(node.port, [inputs["extra"][1]]).returncode == 0  # the CR radiograph, uncompressed
-        wait_for(lambda: node.status()["results"]["written"] == 3, 90, what="SEG, SR and SC written")
+        wait_for(lambda: node.status()["results"]["written"] == 4, 90, what="SEG, SR, SC and GSPS written")
     finally:
         node.stop()
     written = {ds.SOPClassUID: ds for ds in map(pydicom.dcmread, (tmp_path / "node" / "state" / "results").rglob("*.dcm"))}
@@ -323,6 +323,19 @@ def test_optional_secondary_capture_shows_the_outlines_for_pacs_without_seg(tmp_
         [source.SOPInstanceUID], segment_numbers=[1, 2])[0].any(axis=-1)
     outline = coloured & ~np.pad(coloured[:200], ((0, rgb.shape[0] - 200), (0, 0)))  # below the burned-in text
     assert outline.sum() > 1000 and (outline & lungs).sum() > 0.3 * outline.sum()  # lines along the lung edges
+
+    state = written[pydicom.uid.GrayscaleSoftcopyPresentationStateStorage]
+    assert dciodvfy_errors(state, tmp_path) == []
+    assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    layers = {item.GraphicLayer: item for item in state.GraphicAnnotationSequence}
+    assert {"RIGHT_LUNG", "LEFT_LUNG", "FIGURES"} <= set(layers)
+    for layer in ("RIGHT_LUNG", "LEFT_LUNG"):  # each vertex is the centre of a boundary pixel of the SEG's lung
+        points = np.concatenate([np.reshape(g.GraphicData, (-1, 2)) for g in layers[layer].GraphicObjectSequence])
+        assert len(points) > 10 and lungs[points[:, 1].astype(int), points[:, 0].astype(int)].all(), layer
+    report = written[pydicom.uid.ComprehensiveSRStorage]
+    summary = hd.sr.ComprehensiveSR.from_dataset(report).content.get_planar_roi_measurement_groups()[0]
+    texts = [t.UnformattedTextValue for t in layers["FIGURES"].TextObjectSequence]
+    assert texts[0] == summary.tracking_identifier and "NOT FOR PRIMARY DIAGNOSIS" in texts[1]
 
 
 def test_audit_messages_record_associations_transfers_and_results_without_patient_names(

@@ -20,6 +20,7 @@ from dicom_node.outputs import summary
 from dicom_node.outputs.capture import build_capture
 from dicom_node.outputs.codes import BRIXIA_GLOBAL_SCORE, OPACITY, OPACITY_PERCENT, ZONE_SITES
 from dicom_node.outputs.identity import Algorithm
+from dicom_node.outputs.presentation import build_presentation_state
 from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
@@ -84,8 +85,8 @@ def dciodvfy_errors(ds, path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-@pytest.fixture(scope="module")
-def radiograph(dicom_dir):
+@pytest.fixture
+def radiograph(dicom_dir):  # read for each test: Dataset.copy() is shallow, so tests that edit one would share it
     return pydicom.dcmread(dicom_dir / SOURCE)
 
 
@@ -295,6 +296,7 @@ def test_the_seg_orientation_agrees_with_the_patient_orientation(radiograph, pat
                                                      (pydicom.uid.ExplicitVRLittleEndian, False)])
 def test_the_secondary_capture_is_marked_lossy_when_its_source_arrived_lossy_compressed(radiograph, transfer_syntax,
                                                                                          lossy):
+    radiograph.pixel_array  # decoded as it arrived, before the header below claims another transfer syntax
     ds = radiograph.copy()
     ds.file_meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
     ds.file_meta.TransferSyntaxUID = transfer_syntax  # the header as it came (pixels already decoded)
@@ -326,3 +328,19 @@ def test_presence_and_severity_follow_the_more_involved_lung(right_rows, expecte
     seg.opacity[:right_rows, :50] = True
     assert summary.severity(seg) == expected
     assert summary.presence(seg) == (codes.SCT.Absent if expected is None else codes.SCT.Present)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_presentation_state_outlines_each_segment_and_shows_the_figures(radiograph, variant, tmp_path):
+    ds = with_geometry(radiograph, variant)
+    seg = drawn_segmentation((ds.Rows, ds.Columns))
+    state = build_presentation_state(prepare_source(ds), seg, ALGORITHM, STARTED)
+    assert dciodvfy_errors(state, tmp_path / "PR.dcm") == []
+    assert encoded(state) == encoded(build_presentation_state(prepare_source(ds), seg, ALGORITHM, STARTED))
+    layers = {item.GraphicLayer: item for item in state.GraphicAnnotationSequence}
+    assert set(layers) == {"RIGHT_LUNG", "LEFT_LUNG", "OPACITY_AI", "FIGURES"}
+    right = np.reshape(layers["RIGHT_LUNG"].GraphicObjectSequence[0].GraphicData, (-1, 2))
+    rows, cols = np.nonzero(seg.lungs == RIGHT)
+    assert (right[0] == right[-1]).all() and right[:, 0].min() == pytest.approx(cols.min() + 0.5)
+    assert [t.UnformattedTextValue for t in layers["FIGURES"].TextObjectSequence] == [
+        summary.sentence(seg), "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"]

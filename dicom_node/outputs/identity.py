@@ -20,6 +20,7 @@ RESULT_SERIES = {
     "SEG": (9901, "AI lung and opacity (cxr-node)"),
     "SR": (9902, "AI opacity measurements (cxr-node)"),
     "SC": (9903, "AI outlines (cxr-node) - not for primary diagnosis"),
+    "PR": (9904, "AI outlines and figures (cxr-node) - presentation state"),
 }
 # Patient and study attributes a result carries exactly as its source has them (Patient, General
 # Study and Patient Study modules), so a PACS files it with the right patient and order.
