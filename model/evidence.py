@@ -123,8 +123,8 @@ QUEX_FIGURES = {
 
 
 def figures(cohen: list[dict], quex: list[dict]) -> dict:
-    return {**{name: f(cohen) for name, f in COHEN_FIGURES.items()} if cohen else {},
-            **{name: f(quex) for name, f in QUEX_FIGURES.items()} if quex else {}}
+    result = {name: f(cohen) for name, f in COHEN_FIGURES.items()} if cohen else {}
+    return result | ({name: f(quex) for name, f in QUEX_FIGURES.items()} if quex else {})
 
 
 def with_intervals(cohen: list[dict], quex: list[dict], samples: int = BOOTSTRAP_SAMPLES) -> dict:
