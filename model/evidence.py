@@ -5,7 +5,7 @@ DIR/metrics.json, which must equal `model/metrics.json`.
 Evidence files (JSON, no masks): `cv.json` holds one row per Cohen image scored by the fold model that
 never saw its patient (`model.evaluate.score_image` rows with the fold's Brixia predictions); `locked.json`
 holds the locked test set scored once by the shipped model: Cohen rows as above and COVID-QU-Ex rows
-(`score_quex_image`). Each row names its merged patient (`model/patients.py`): the 95 % intervals are
+(`score_quex_image`); `ablation/<run>.json` the cross-validated rows of each variant of a recipe trial. Each row names its merged patient (`model/patients.py`): the 95 % intervals are
 percentile bootstraps over patients, so several films of one patient move together."""
 from __future__ import annotations
 
@@ -161,6 +161,10 @@ def evaluate_evidence(evidence_dir: Path, out_dir: Path, samples: int = BOOTSTRA
             metrics[name] = {"about": doc["about"], "images": {"cohen": len(doc.get("cohen", [])),
                                                                "quex": len(doc.get("quex", []))},
                              "figures": with_intervals(doc.get("cohen", []), doc.get("quex", []), samples)}
+    for path in sorted((evidence_dir / "ablation").glob("*.json")):  # recipe trials: point figures per variant
+        doc = json.loads(path.read_text())
+        metrics.setdefault("ablation", {})[path.stem] = {
+            "about": doc["about"], **{variant: figures(rows, []) for variant, rows in doc["variants"].items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
