@@ -48,7 +48,10 @@ def delivery(pacs: Orthanc, sources: list[str]) -> tuple[int, int]:
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path, dicom_dir, pacs, record):
     files = chest_copies([dicom_dir / s for s in SOURCES], BURST, tmp_path / "burst")
     by_uid = dict(zip(uids(files), files))
-    node = Node(tmp_path / "node", destinations=[("pacs", pacs)], processing={"stable_seconds": 0}).start()
+    # Twelve kills can land on one image's analysis more than `max_attempts` (3) times, which the poison cap
+    # would rightly call an image that kills its worker: here the kills are the operator's, so the cap is lifted.
+    node = Node(tmp_path / "node", destinations=[("pacs", pacs)],
+                processing={"stable_seconds": 0, "max_attempts": KILLS + 1}).start()
     accepted: set[str] = set()
     done_sending = threading.Event()
 

@@ -33,7 +33,7 @@ from dicom_node.outputs.identity import MANUFACTURER, Algorithm, derived_uid, fi
 from dicom_node.outputs.outlines import box, outlines
 from dicom_node.outputs.segments import SEGMENTS
 from dicom_node.outputs.source import calibration
-from model.infer import LEFT, RIGHT, ZONE_NAMES, ZONES, Segmentation
+from model.infer import LEFT, RIGHT, ZONE_NAMES, Segmentation
 
 # Opacity regions listed one by one: the largest ones, down to 0.5 % of the lungs (the SEG holds every pixel).
 MAX_OPACITY_REGIONS = 8
