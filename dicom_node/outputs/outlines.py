@@ -24,8 +24,8 @@ def outlines(mask: np.ndarray, min_area_px: int = 1) -> list[np.ndarray]:
     return polylines
 
 
-def box(mask: np.ndarray) -> np.ndarray:
-    """The mask's bounding rectangle as a closed POLYLINE (pixel edges, not centres)."""
-    rows, cols = np.nonzero(mask)
-    x0, x1, y0, y1 = float(cols.min()), float(cols.max() + 1), float(rows.min()), float(rows.max() + 1)
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)
+def hull(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of the mask (both lungs: the lung fields) as a closed POLYLINE. Not a rectangle:
+    OHIF takes a four-cornered closed POLYLINE for one of its own rectangle tools and then draws nothing."""
+    points = cv2.convexHull(np.argwhere(mask)[:, ::-1].astype(np.int32))[:, 0, :].astype(np.float32) + 0.5
+    return np.vstack([points, points[:1]])

@@ -2,7 +2,7 @@
 
 Groups, in the order a radiologist reads them (TID 1410 planar ROIs, each region an outline on the source
 image, so viewers such as OHIF draw them and list their values):
-1. the summary: the lungs' box; tracking identifier = the summary sentence ("Opacity 41 % of both lungs
+1. the summary: the lung fields (convex hull of both lungs); tracking identifier = the summary sentence ("Opacity 41 % of both lungs
    (right 41 %, left 41 %), moderate; Brixia 5/18"); opacity present/absent and severity as qualitative
    evaluations; the opacity % of both lungs and of each, and the Brixia global score;
 2. each SEG segment (right lung, left lung, opacity when found): one group referencing its SEG frame with
@@ -30,7 +30,7 @@ from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, EX
                                       LUNG, ONE_LUNG, OPACITY, OPACITY_PERCENT, PLAIN_CHEST_XRAY, SCORE_UNIT, ZONE_SITES,
                                       private_scheme_identification)
 from dicom_node.outputs.identity import MANUFACTURER, Algorithm, derived_uid, finish_header, lo, result_identity
-from dicom_node.outputs.outlines import box, outlines
+from dicom_node.outputs.outlines import hull, outlines
 from dicom_node.outputs.segments import SEGMENTS
 from dicom_node.outputs.source import calibration
 from model.infer import LEFT, RIGHT, ZONE_NAMES, Segmentation
@@ -90,7 +90,7 @@ class _ReportBuilder:
         if seg.brixia:
             measurements.append(hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT))
         lungs = seg.lungs > 0
-        return self.region_group(self.uid("summary"), summary.sentence(seg), box(lungs if lungs.any() else ~lungs),
+        return self.region_group(self.uid("summary"), summary.sentence(seg), hull(lungs if lungs.any() else ~lungs),
                                  LUNG, [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements,
                                  evaluations)
 
