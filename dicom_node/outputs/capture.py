@@ -29,7 +29,7 @@ def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
         contours, _ = cv2.findContours(segment.mask(seg).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(picture, contours, -1, segment.rgb, thickness)
     scale = max(gray.shape) / 1400
-    lines = [summary.sentence(seg).split("; ")[0]]
+    lines = [summary.opacity_sentence(seg)]
     if seg.brixia:
         lines.append(f"Brixia {seg.brixia_global}/18 (A-F: {' '.join(str(seg.brixia[z]) for z in ZONES)})")
     lines.append(NOTICE)

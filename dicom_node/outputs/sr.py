@@ -83,8 +83,8 @@ class _ReportBuilder:
     def summary_group(self):
         seg = self.seg
         evaluations = [hd.sr.QualitativeEvaluation(OPACITY, summary.presence(seg))]
-        if summary.severity(seg):
-            evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Severity, summary.severity(seg)))
+        if grade := summary.severity(seg):
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.Severity, grade))
         measurements = [_percent(seg.opacity_pct), _percent(seg.right_opacity_pct, "right"),
                         _percent(seg.left_opacity_pct, "left")]
         if seg.brixia:

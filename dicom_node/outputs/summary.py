@@ -36,9 +36,13 @@ def severity(seg: Segmentation) -> Code | None:
     return next(code for upper, code in SEVERITY_BANDS if worse_lung_pct(seg) < upper)
 
 
-def sentence(seg: Segmentation) -> str:
-    """E.g. 'Opacity 41 % of both lungs (right 41 %, left 41 %), moderate; Brixia 5/18'."""
+def opacity_sentence(seg: Segmentation) -> str:
+    """E.g. 'Opacity 41 % of both lungs (right 41 %, left 41 %), moderate'."""
     grade = severity(seg)
-    text = (f"Opacity {percent(seg.opacity_pct)} of both lungs (right {percent(seg.right_opacity_pct)}, "
+    return (f"Opacity {percent(seg.opacity_pct)} of both lungs (right {percent(seg.right_opacity_pct)}, "
             f"left {percent(seg.left_opacity_pct)}), {grade.meaning.lower() if grade else 'absent'}")
-    return text + (f"; Brixia {seg.brixia_global}/18" if seg.brixia else "")
+
+
+def sentence(seg: Segmentation) -> str:
+    """The opacity sentence and the Brixia global score, e.g. '...), moderate; Brixia 5/18'."""
+    return opacity_sentence(seg) + (f"; Brixia {seg.brixia_global}/18" if seg.brixia else "")
