@@ -103,6 +103,8 @@ def cmd_evaluate(args) -> int:
         return 0
     if not args.data:
         raise SystemExit("evaluate: --data is required (or --evidence DIR)")
+    if args.locked_test:
+        return score_locked_test_once(args)
     if args.cv:
         from model.training import cross_validated_report
 
@@ -114,6 +116,20 @@ def cmd_evaluate(args) -> int:
     from model.infer import load_pipeline
 
     evaluate(Path(args.data), Path(args.out), load_pipeline(threads=args.threads), split=args.split)
+    return 0
+
+
+def score_locked_test_once(args) -> int:
+    """The locked test set is scored once, by the model to ship: an existing file is never overwritten."""
+    out = Path(args.locked_test)
+    if out.exists():
+        raise SystemExit(f"evaluate: {out} exists: the locked test set is scored once (model/README.md)")
+    from model.evaluate import score_locked_test
+    from model.infer import load_pipeline
+
+    quex = Path(args.quex) if args.quex else Path(args.data).parent / "covid-qu-ex"
+    score_locked_test(Path(args.data), quex, load_pipeline(threads=args.threads), out,
+                      sheet_path=out.with_name("contact-sheet-locked.png"))
     return 0
 
 
@@ -166,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cv", metavar="RUN_DIR",
                           help="instead: re-score the cross-validation of a finished `cxr-node train` run from its "
                                "fold checkpoints, writing RUN_DIR/cv/ and RUN_DIR/ablation.json (needs the [train] extra)")
-    evaluate.add_argument("--quex", help="with --cv: the COVID-QU-Ex folder (default: covid-qu-ex beside --data)")
+    evaluate.add_argument("--locked-test", metavar="FILE",
+                          help="instead: score the locked test set (model/locked_test.csv) with the shipped model into "
+                               "FILE (model/evidence/locked.json); once: an existing FILE is never overwritten")
+    evaluate.add_argument("--quex", help="with --cv or --locked-test: the COVID-QU-Ex folder (default: covid-qu-ex "
+                                         "beside --data)")
     evaluate.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                           help="only images of this split of model/split.csv (default: all images)")
     evaluate.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")

@@ -171,6 +171,24 @@ def overlay(gray: np.ndarray, seg: Segmentation, truth_opacity: np.ndarray | Non
     return image
 
 
+def contact_sheet(folder: Path, out_path: Path, columns: int = 6, tile: int = 256) -> Path:
+    """The cross-validated overlays in `folder` tiled into one PNG."""
+    tiles = []
+    for path in sorted(folder.glob("*.png")):
+        image = cv2.imread(str(path))
+        scale = tile / max(image.shape[:2])
+        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((tile, tile, 3), np.uint8)
+        canvas[:image.shape[0], :image.shape[1]] = image
+        tiles.append(canvas)
+    while len(tiles) % columns:
+        tiles.append(np.zeros((tile, tile, 3), np.uint8))
+    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_path), np.vstack(rows))
+    return out_path
+
+
 def plot_curves(metrics: dict, rows: list[dict], out_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -275,9 +293,13 @@ def write_report(rows: list[dict], out_dir: Path, about: dict) -> dict:
     return metrics
 
 
-def score_locked_test(cxr_dir: Path, quex_dir: Path, pipeline: Pipeline, out_path: Path) -> dict:
+def score_locked_test(cxr_dir: Path, quex_dir: Path, pipeline: Pipeline, out_path: Path,
+                      sheet_path: Path | None = None, sheet_images: int = 24) -> dict:
     """The locked test set (model/locked_test.csv) scored by `pipeline`, written as evidence (one row per
-    image, no masks; `patient` the merged key). To be run once, with the shipped model."""
+    image, no masks; `patient` the merged key), and a contact sheet of the overlays of `sheet_images`
+    seeded random locked images. To be run once, with the shipped model."""
+    import tempfile
+
     from model.data import load_quex_records
     from model.evidence import score_quex_image
     from model.patients import image_id, read_locked
@@ -285,12 +307,28 @@ def score_locked_test(cxr_dir: Path, quex_dir: Path, pipeline: Pipeline, out_pat
     locked = read_locked()
     doc = {"about": {"model_version": pipeline.version, "set": "locked test (model/locked_test.csv)"},
            "cohen": [], "quex": []}
-    for record in tqdm([r for r in load_records(cxr_dir) if image_id("cxr", r.filename) in locked], desc="locked cxr"):
-        row = score_image(record, pipeline.segment(read_gray(record.image_path)))
-        doc["cohen"].append(dict(row, patient=locked[image_id("cxr", record.filename)]))
-    for record in tqdm([q for q in load_quex_records(quex_dir) if image_id("qu-ex", q.filename) in locked],
-                       desc="locked qu-ex"):
-        row = score_quex_image(record, pipeline.segment(read_gray(record.image_path)))
-        doc["quex"].append(dict(row, patient=locked[image_id("qu-ex", record.filename)]))
+    cohen = [r for r in load_records(cxr_dir) if image_id("cxr", r.filename) in locked]
+    quex = [q for q in load_quex_records(quex_dir) if image_id("qu-ex", q.filename) in locked]
+    names = sorted([image_id("cxr", r.filename) for r in cohen] + [image_id("qu-ex", q.filename) for q in quex])
+    sheet = {names[i] for i in np.random.default_rng(20261130).permutation(len(names))[:sheet_images]}
+    with tempfile.TemporaryDirectory() as overlays:
+        def draw(name, gray, seg, truth):
+            if name in sheet:
+                cv2.imwrite(str(Path(overlays) / f"{name.replace('/', '_')}.png"), overlay(gray, seg, truth))
+
+        for record in tqdm(cohen, desc="locked cxr"):
+            gray = read_gray(record.image_path)
+            seg = pipeline.segment(gray)
+            doc["cohen"].append(dict(score_image(record, seg), patient=locked[image_id("cxr", record.filename)]))
+            truth = rasterize_labelme(record.labelme_path, gray.shape)["opacity"] if record.labelme_path else None
+            draw(image_id("cxr", record.filename), gray, seg, truth)
+        for record in tqdm(quex, desc="locked qu-ex"):
+            gray = read_gray(record.image_path)
+            seg = pipeline.segment(gray)
+            doc["quex"].append(dict(score_quex_image(record, seg), patient=locked[image_id("qu-ex", record.filename)]))
+            truth = read_gray(record.infection_mask_path) > 127 if record.infection_mask_path else None
+            draw(image_id("qu-ex", record.filename), gray, seg, truth)
+        if sheet_path:
+            contact_sheet(Path(overlays), Path(sheet_path))
     Path(out_path).write_text(json.dumps(doc, default=float, indent=0) + "\n")
     return doc

@@ -85,12 +85,12 @@ def _zone_auc(rows) -> float | None:
     return roc_auc(*zip(*pairs))["auc"] if pairs else None
 
 
-def _brixia_bias(rows) -> float | None:
-    """Mean predicted Brixia global minus the senior rater's, per patient."""
+def _brixia_bias(rows, rater: str) -> float | None:
+    """Mean predicted Brixia global minus the rater's, per patient."""
     patients = {}
     for r in rows:
-        if "senior" in r.get("brixia_zones", {}) and r.get("brixia_global_predicted") is not None:
-            patients.setdefault(r["patient"], []).append(r["brixia_global_predicted"] - sum(r["brixia_zones"]["senior"].values()))
+        if rater in r.get("brixia_zones", {}) and r.get("brixia_global_predicted") is not None:
+            patients.setdefault(r["patient"], []).append(r["brixia_global_predicted"] - sum(r["brixia_zones"][rater].values()))
     return _mean(np.mean(v) for v in patients.values())
 
 
@@ -103,7 +103,8 @@ COHEN_FIGURES = {
     "polygon_opacity_pct_mae": lambda rows: _mean(r["opacity_pct_abs_error"] for r in rows if "opacity_pct_abs_error" in r),
     "lung_dice": lambda rows: _mean(r["lung_dice"] for r in rows if "lung_dice" in r),
     "zone_auc_senior": _zone_auc,
-    "brixia_global_bias_vs_senior_per_patient": _brixia_bias,
+    "brixia_global_bias_vs_senior_per_patient": lambda rows: _brixia_bias(rows, "senior"),
+    "brixia_global_bias_vs_junior_per_patient": lambda rows: _brixia_bias(rows, "junior"),
     "auc_icu_per_patient": lambda rows: _patient_auc(rows, "went_icu", "Y"),
     "auc_mortality_per_patient": lambda rows: _patient_auc(rows, "survival", "N"),
 }
@@ -154,17 +155,39 @@ def evaluate_evidence(evidence_dir: Path, out_dir: Path, samples: int = BOOTSTRA
     patient-level 95 % intervals."""
     evidence_dir, out_dir = Path(evidence_dir), Path(out_dir)
     metrics = {"definitions": "model/evidence.py and model/metrics.py", "bootstrap_samples": samples}
-    for name in ("cv", "locked"):
-        path = evidence_dir / f"{name}.json"
-        if path.exists():
-            doc = json.loads(path.read_text())
-            metrics[name] = {"about": doc["about"], "images": {"cohen": len(doc.get("cohen", [])),
-                                                               "quex": len(doc.get("quex", []))},
-                             "figures": with_intervals(doc.get("cohen", []), doc.get("quex", []), samples)}
+    for path in sorted(evidence_dir.glob("*.json")):  # cv, locked, and earlier weights on the locked test
+        doc = json.loads(path.read_text())
+        metrics[path.stem] = {"about": doc["about"], "images": {"cohen": len(doc.get("cohen", [])),
+                                                                "quex": len(doc.get("quex", []))},
+                              "figures": with_intervals(doc.get("cohen", []), doc.get("quex", []), samples)}
     for path in sorted((evidence_dir / "ablation").glob("*.json")):  # recipe trials: point figures per variant
         doc = json.loads(path.read_text())
         metrics.setdefault("ablation", {})[path.stem] = {
             "about": doc["about"], **{variant: figures(rows, []) for variant, rows in doc["variants"].items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (evidence_dir / "locked.json").exists():
+        plot_calibration(json.loads((evidence_dir / "locked.json").read_text())["quex"], out_dir / "calibration-locked.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def plot_calibration(quex: list[dict], out_path: Path) -> Path:
+    """Predicted opacity % against the annotated infection % of the lung, per COVID-QU-Ex film, with the
+    mean prediction per 10-point band of the annotation (an under-read shows as bands below the diagonal)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in quex if not r["normal"]]
+    truth, predicted = np.array([r["truth_pct"] for r in rows]), np.array([r["opacity_pct"] for r in rows])
+    bands = [(lo, predicted[(truth >= lo) & (truth < lo + 10)]) for lo in range(0, 100, 10)]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(truth, predicted, s=8, alpha=0.4, label=f"films (n={len(rows)})")
+    ax.plot(*zip(*[(lo + 5, v.mean()) for lo, v in bands if len(v)]), "o-", color="C3", label="mean per 10-point band")
+    ax.plot([0, 100], [0, 100], "k--", lw=1)
+    ax.axvline(SEVERE_PCT, color="gray", lw=0.8)
+    ax.set(xlabel="annotated infection % of lung (QU-Ex mask)", ylabel="predicted opacity % of lung",
+           xlim=(0, 100), ylim=(0, 100), title="Calibration on the locked test (COVID-QU-Ex)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout(); fig.savefig(out_path, dpi=110); plt.close(fig)
+    return out_path

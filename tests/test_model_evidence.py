@@ -1,9 +1,14 @@
 """The model card's figures from committed evidence (no TensorFlow, no images)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from model.evidence import with_intervals
+from tests.harness import REPO
 
 
 def test_intervals_resample_patients_so_films_of_one_patient_move_together():
@@ -36,3 +41,22 @@ def test_qu_ex_figures_count_normals_apart_and_pool_overlaps():
     assert figures["normals_share_over_5_pct"] == pytest.approx(0.5)
     assert figures["quex_boundary_f1_pooled"] == pytest.approx(0.75)
     assert figures["quex_severe_mean_predicted_pct"] == pytest.approx(50.0)
+
+
+def test_the_committed_evidence_reproduces_the_committed_metrics(tmp_path):
+    """`cxr-node evaluate --evidence model/evidence` recomputes every figure of the card: its metrics.json
+    equals model/metrics.json."""
+    from model.evidence import evaluate_evidence
+
+    evaluate_evidence(REPO / "model" / "evidence", tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((REPO / "model" / "metrics.json").read_text())
+    assert (tmp_path / "calibration-locked.png").stat().st_size > 0
+
+
+def test_the_locked_test_set_is_never_scored_over(tmp_path):
+    scored = tmp_path / "locked.json"
+    scored.write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--data", str(tmp_path),
+                             "--locked-test", str(scored)], capture_output=True, text=True)
+    assert result.returncode != 0 and "scored once" in result.stderr
+    assert scored.read_text() == "{}"

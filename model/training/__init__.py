@@ -56,13 +56,14 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
     return (and write to out_dir/cv/brixia.json) the Brixia mapping fitted on the shipped variant's
     cross-validated rows."""
     from model.brixia import BrixiaMapping, mean_rater_zone_scores
-    from model.evaluate import summarize, write_report
-    from model.training.crossval import VARIANTS, brixia_from_zone_opacity, contact_sheet, cross_validate
+    from model.evaluate import contact_sheet, summarize, write_report
+    from model.training.crossval import brixia_from_zone_opacity, cross_validate
+    from model.training.recipe import VARIANTS
     from model.training.report import ablation_table
 
-    shipped = VARIANTS[-1] if recipe.final_uses_polygons else VARIANTS[1]
     from model.patients import image_id, merged_patients
 
+    shipped = recipe.shipped
     results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,
                              out_dir, recipe, sheet_variant=shipped)
     patients = merged_patients(inputs.records, inputs.quex_records)
@@ -119,6 +120,7 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
     from model.infer import WEIGHTS_DIR
     from model.training.report import plot_history
     from model.training.crossval import stage_b_tag
+    from model.training.recipe import VARIANTS
     from model.training.stages import cohen_stage, quex_stage, without_polygons
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -130,10 +132,14 @@ def run(data_dir: Path, out_dir: Path, recipe: Recipe = Recipe(), quex_dir: Path
                          out_dir / "opacity-A", recipe)
     brixia = report_cross_validation(inputs, stage_a, out_dir, recipe)
 
-    cohen = inputs.cohen if recipe.final_uses_polygons else without_polygons(inputs.cohen)
-    final_dir = out_dir / f"final-{stage_b_tag(recipe.final_uses_polygons)}"
-    final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5", cohen, inputs.quex, final_dir, recipe,
-                        desc="opacity final")
+    if recipe.shipped == VARIANTS[0]:  # stage A alone: the model the cross-validation scored
+        final, final_dir = stage_a, None
+    else:
+        polygons = recipe.shipped == VARIANTS[2]
+        final_dir = out_dir / f"final-{stage_b_tag(polygons)}"
+        final = cohen_stage(inputs.lungs, out_dir / "opacity-A" / "final.h5",
+                            inputs.cohen if polygons else without_polygons(inputs.cohen), inputs.quex, final_dir,
+                            recipe, desc="opacity final")
     plot_history(out_dir / "opacity-A", final_dir, out_dir / "training-curves.png")
 
     weights = out_dir / "weights"

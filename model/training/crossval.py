@@ -22,14 +22,11 @@ from model.patients import held_out, image_id, merged_patients
 from model.patients import patient_folds as merged_patient_folds
 from model.image import read_gray
 from model.evaluate import overlay, score_image
-from model.training.recipe import Recipe
+from model.training.recipe import VARIANTS, Recipe
 from model.training.samples import Samples
 from model.training.stages import cohen_stage, keras_pipeline, without_polygons
 
 CONTACT_SHEET_IMAGES = 24
-VARIANTS = ("QU-Ex only", "QU-Ex + zones/extent", "QU-Ex + zones/extent + polygons")
-
-
 def patient_folds(records: list[Record], folds: int, seed: int, quex_records=(), locked=None) -> dict[str, int]:
     """Cohen filename -> fold, by merged patient (a seeded permutation of the sorted merged keys of
     the patients with no locked image); images of the locked test set's patients have no fold."""
@@ -117,24 +114,6 @@ def cross_validate(records: list[Record], quex_records: list[QuexRecord], lungs,
         results[variant] = rows
         (out_dir / "cv_rows.json").write_text(json.dumps(results, default=float))
     return results
-
-
-def contact_sheet(folder: Path, out_path: Path, columns: int = 6, tile: int = 256) -> Path:
-    """The cross-validated overlays in `folder` tiled into one PNG."""
-    tiles = []
-    for path in sorted(folder.glob("*.png")):
-        image = cv2.imread(str(path))
-        scale = tile / max(image.shape[:2])
-        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-        canvas = np.zeros((tile, tile, 3), np.uint8)
-        canvas[:image.shape[0], :image.shape[1]] = image
-        tiles.append(canvas)
-    while len(tiles) % columns:
-        tiles.append(np.zeros((tile, tile, 3), np.uint8))
-    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out_path), np.vstack(rows))
-    return out_path
 
 
 def brixia_from_zone_opacity(rows: list[dict]) -> list[dict]:

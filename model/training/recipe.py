@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+# The models the cross-validation scores: stage A alone, + stage B on the zone and extent labels,
+# + stage B also on the polygons' pixels.
+VARIANTS = ("QU-Ex only", "QU-Ex + zones/extent", "QU-Ex + zones/extent + polygons")
+
+
 @dataclass(frozen=True)
 class Recipe:
     version: str = "3.0.0"
@@ -47,12 +52,15 @@ class Recipe:
     # Augmentation for films from other sources (model/augment.py): JPEG, rescaling, borders, markings.
     films_from_elsewhere: bool = True
 
-    # Cross-validation by patient over the Cohen collection. The shipped model is stage A + stage B on
-    # every Cohen image's extent and zone labels; the 11 polygon images' pixel labels are left out
-    # (`final_uses_polygons`): in the 2026-11 ablation they raised polygon IoU (0.64 -> 0.66, n=11)
-    # but lowered r² vs extent (0.82 -> 0.76, n=60) and zone AUC (0.83 -> 0.82, 984 zones).
+    # Cross-validation by patient over the Cohen collection, then the shipped model: one of
+    # crossval.VARIANTS. 3.0.0 ships stage A alone: with folds by merged patient, stage B raised the
+    # opacity % error against the polygons and lowered the zone AUC (model/evidence/ablation/).
     folds: int = 5
-    final_uses_polygons: bool = False
+    shipped: str = "QU-Ex only"
+
+    def __post_init__(self):
+        if self.shipped not in VARIANTS:
+            raise ValueError(f"recipe.shipped must be one of {VARIANTS}, not {self.shipped!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)

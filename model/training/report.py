@@ -29,24 +29,29 @@ def ablation_table(ablation: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_history(stage_a_dir: Path, final_dir: Path, out_path: Path) -> Path:
-    """Loss terms per epoch of stage A and of the final stage B, and the mean predicted opacity
-    fraction of positive vs negative Brixia zones (a collapse to "no opacity" shows as both at 0)."""
+def plot_history(stage_a_dir: Path, final_dir: Path | None, out_path: Path) -> Path:
+    """Loss terms per epoch of stage A and, where one is shipped, of the final stage B with the mean
+    predicted opacity fraction of positive vs negative Brixia zones (a collapse to "no opacity" shows
+    as both at 0)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (folder, title) in zip(axes[:2], ((stage_a_dir, "stage A: QU-Ex"), (final_dir, "stage B: Cohen + QU-Ex"))):
+    stages = [(stage_a_dir, "stage A: QU-Ex")] + ([(final_dir, "stage B: Cohen + QU-Ex")] if final_dir else [])
+    fig, axes = plt.subplots(1, 3 if final_dir else 1, figsize=(13 if final_dir else 5, 3.8), squeeze=False)
+    axes = axes[0]
+    for ax, (folder, title) in zip(axes, stages):
         history = json.loads((folder / "history.json").read_text())
         for key in ("loss", "pixels", "zone_negative", "zone_positive", "zone_ranking", "extent"):
             values = [h.get(key) for h in history]
             if any(v for v in values):
                 ax.plot([h["epoch"] for h in history], values, marker="o", label=key)
         ax.set(title=title, xlabel="epoch", ylabel="loss"); ax.legend(fontsize=7)
-    history = json.loads((final_dir / "history.json").read_text())
-    for key, label in (("positive_zone_fraction", "zones scored >= 1"), ("negative_zone_fraction", "zones scored 0")):
-        axes[2].plot([h["epoch"] for h in history], [h.get(key) for h in history], marker="o", label=label)
-    axes[2].set(title="stage B: mean opacity probability per zone", xlabel="epoch", ylim=(0, 1)); axes[2].legend(fontsize=7)
+    if final_dir:
+        history = json.loads((final_dir / "history.json").read_text())
+        for key, label in (("positive_zone_fraction", "zones scored >= 1"), ("negative_zone_fraction", "zones scored 0")):
+            axes[2].plot([h["epoch"] for h in history], [h.get(key) for h in history], marker="o", label=label)
+        axes[2].set(title="stage B: mean opacity probability per zone", xlabel="epoch", ylim=(0, 1))
+        axes[2].legend(fontsize=7)
     fig.tight_layout(); fig.savefig(out_path, dpi=110); plt.close(fig)
     return out_path
