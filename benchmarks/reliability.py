@@ -87,6 +87,33 @@ the words its reason must contain.
 
 The log of the bad-input run, which includes UTF-8, Latin-1 and malformed patient names, an ID and a birth
 date, is searched for each of those values: none appears (`test_logs_hold_no_patient_names_ids_or_birth_dates`).
+
+## Alerts and dashboard
+
+`config/prometheus/cxr-node-alerts.yml` holds Prometheus alerting rules on the node's `/metrics`, and
+`config/grafana/cxr-node-dashboard.json` a Grafana dashboard of the same metrics: queue depth by state,
+throughput, analysis latency, delivery failures, liveness, disk. To load them, scrape every `all` and
+`worker` process (`[health] port`; set `[health] bind` to an address Prometheus can reach) in a job named
+`cxr-node`, list the rules file under `rule_files:` and route `severity: critical` to paging. In Grafana,
+import the JSON (Dashboards > New > Import) and pick the Prometheus data source. `--role receiver`
+processes serve no `/metrics`; the workers report their heartbeats. Each alert's description says what to
+check (`cxr-node status`, `journalctl -u 'cxr-node@*'`, `/healthz`). `tests/test_alerts.py` runs
+`promtool check rules` and `promtool test rules config/prometheus/cxr-node-alerts.test.yml` (each alert
+firing and not firing). It also runs a real Prometheus against a real node whose worker cannot progress:
+CxrQueueNotDraining fires, then resolves once the queue drains.
+
+| alert | fires when | severity |
+|---|---|---|
+| CxrNodeDown | a scraped process has not answered for 2 min | critical |
+| CxrNodeRestarting | a process started more than twice in 30 min (crash, OOM, watchdog) | warning |
+| CxrLoopStalled | a loop made no progress for longer than `processing.liveness_seconds`, for 30 s (/healthz 503) | critical |
+| CxrQueueNotDraining | instances queued or processing, and the process finished none in 10 min, for 5 min | critical |
+| CxrResultsNotDelivered | results pending, and no PACS stored one in 15 min, for 10 min | critical |
+| CxrDeliveriesRefused | results refused for good wait for `cxr-node retry`, for 1 min | warning |
+| CxrAnalysesFailing | more than 2 analyses failed in 30 min, over 20 % of those finished | warning |
+| CxrDiskBelowWatermark | free space on the spool below `storage.min_free_mb` for 1 min (new instances 0xA700) | critical |
+| CxrProcessHeartbeatLost | a process in `cxr-node status` has been `dead` for 1 min (by role) | warning |
+| CxrQueueUnreachable | the process cannot read its queue (PostgreSQL down, SQLite locked) for 30 s | critical |
 """
 
 

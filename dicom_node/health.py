@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.config import Config
 from dicom_node.liveness import Liveness, cause
+from dicom_node.metrics import LIVENESS_SECONDS, LOOP_AGE
 from dicom_node.queue import Queue, QueueUnavailable
 from dicom_node.spool import Spool
 
@@ -28,9 +29,14 @@ def health_report(config: Config, queue: Queue, spool: Spool, liveness: Liveness
 
 
 def start_health_server(config: Config, queue: Queue, spool: Spool, liveness: Liveness) -> ThreadingHTTPServer:
+    LIVENESS_SECONDS.set(liveness.seconds)
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/metrics":
+                # read at scrape time: a value a loop set would freeze when that very loop stalls
+                for loop, age in liveness.ages().items():
+                    LOOP_AGE.labels(loop).set(age)
                 body, status, kind = generate_latest(), 200, CONTENT_TYPE_LATEST
             elif self.path == "/healthz":
                 report = health_report(config, queue, spool, liveness)

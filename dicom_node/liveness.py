@@ -37,11 +37,15 @@ class Liveness:
         with self._lock:
             self._beats[loop] = time.monotonic()
 
-    def stalled(self) -> dict[str, float]:
-        """{loop: seconds since its last beat} of the loops silent for longer than `seconds`."""
+    def ages(self) -> dict[str, float]:
+        """{loop: seconds since its last beat} of every watched loop."""
         now = time.monotonic()
         with self._lock:
-            return {loop: round(now - beat, 1) for loop, beat in self._beats.items() if now - beat > self.seconds}
+            return {loop: round(now - beat, 1) for loop, beat in self._beats.items()}
+
+    def stalled(self) -> dict[str, float]:
+        """ages() of the loops silent for longer than `seconds`."""
+        return {loop: age for loop, age in self.ages().items() if age > self.seconds}
 
     def alive(self) -> bool:
         return not self.stalled()

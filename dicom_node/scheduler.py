@@ -6,14 +6,16 @@ Every job is a `Loop`: an error is retried with backoff and never ends it; the f
 from __future__ import annotations
 
 import time
+from collections import Counter
+from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Config
 from dicom_node.liveness import Liveness, Loop, guarded
 from dicom_node.logs import log
-from dicom_node.metrics import FREE_MB, INSTANCES, RESULTS
-from dicom_node.queue import Queue
+from dicom_node.metrics import FREE_MB, INSTANCES, MIN_FREE_MB, PROCESSES, QUEUE_REACHABLE, RESULTS
+from dicom_node.queue import Queue, QueueUnavailable
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify, watchdog_interval
@@ -27,18 +29,30 @@ def purge_expired(queue: Queue, retention_days: float) -> int:
     return purged
 
 
-def refresh_gauges(queue: Queue, spool: Spool) -> None:
-    counts = queue.counts()
+def refresh_gauges(config: Config, queue: Queue, spool: Spool) -> None:
+    """Disk first: it needs no queue, so it stays current while the database is down."""
+    FREE_MB.set(spool.free_mb())
+    MIN_FREE_MB.set(config.min_free_mb)
+    try:
+        counts, processes = queue.counts(), queue.processes(config.liveness_seconds)
+    except QueueUnavailable:
+        QUEUE_REACHABLE.set(0)
+        raise  # the loop's failure: logged with its cause, retried with backoff
+    QUEUE_REACHABLE.set(1)
     for state, n in counts["instances"].items():
         INSTANCES.labels(state).set(n)
     for state, n in counts["results"].items():
         RESULTS.labels(state).set(n)
-    FREE_MB.set(spool.free_mb())
+    verdicts = Counter((p["role"], p["verdict"]) for p in processes)
+    for role in ("all", "receiver", "worker"):  # every pair set, so a dead process gone from the table reads 0
+        for verdict in ("alive", "late", "dead"):
+            PROCESSES.labels(role, verdict).set(verdicts[role, verdict])
 
 
 def add_loop(scheduler: BackgroundScheduler, liveness: Liveness | None, name: str, function, *args,
              **interval) -> None:
-    """`function(*args)` at this interval, as a loop that beats `liveness` (None: hourly, not watched)."""
+    """`function(*args)` at this interval (`next_run_time`: the first run), as a loop that beats `liveness`
+    (None: hourly, not watched)."""
     scheduler.add_job(guarded(Loop(name, liveness), function, *args), trigger="interval", max_instances=1,
                       coalesce=True, id=name, **interval)
 
@@ -52,7 +66,9 @@ def start_scheduler(config: Config, queue: Queue, spool: Spool, liveness: Livene
         if config.destinations:
             add_loop(scheduler, liveness, "send", sender.send_due, seconds=1)
         add_loop(scheduler, None, "purge", purge_expired, queue, config.retention_days, minutes=60)
-    add_loop(scheduler, liveness, "gauges", refresh_gauges, queue, spool, seconds=5)
+    # at once, not in 5 s: until then /metrics would show a queue unreachable and an empty disk
+    add_loop(scheduler, liveness, "gauges", refresh_gauges, config, queue, spool, seconds=5,
+             next_run_time=datetime.now())
     # what a crashed receiver left half written (files still being received are newer than this)
     add_loop(scheduler, None, "clean", spool.clean_temporary, 2 * config.network_timeout, minutes=60)
     interval = watchdog_interval()

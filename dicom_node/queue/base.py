@@ -288,10 +288,13 @@ class Queue:
     def processes(self, liveness_seconds: float) -> list[dict]:
         """Every registered process: role, host, pid, version, seconds since its heartbeat, its verdict and
         the jobs it holds. A process records its heartbeat only while all its loops are alive: `alive` within
-        a quarter of `liveness_seconds` (a few heartbeats), `late` within `liveness_seconds`, else `dead`."""
-        rows = self._query("SELECT p.*, (SELECT COUNT(*) FROM instances i WHERE i.state = 'processing'"
-                           " AND i.claimed_by = p.process_id) jobs_in_flight FROM processes p ORDER BY started_at")
+        a quarter of `liveness_seconds` (a few heartbeats), `late` within `liveness_seconds`, else `dead`;
+        forgotten FORGET_AFTER_LIVENESS periods after its last heartbeat (its row stays until a process registers)."""
         now = time.time()
+        rows = self._query("SELECT p.*, (SELECT COUNT(*) FROM instances i WHERE i.state = 'processing'"
+                           " AND i.claimed_by = p.process_id) jobs_in_flight FROM processes p"
+                           " WHERE p.heartbeat_at >= ? ORDER BY started_at",
+                           (now - FORGET_AFTER_LIVENESS * liveness_seconds,))
 
         def verdict(age: float) -> str:
             return "alive" if age <= liveness_seconds / 4 else "late" if age <= liveness_seconds else "dead"
