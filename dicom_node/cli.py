@@ -1,4 +1,4 @@
-"""The `cxr-node` command: serve | status | echo | retry | predict | evaluate | train."""
+"""The `cxr-node` command: serve | status | history | echo | retry | predict | evaluate | train."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,29 @@ def cmd_status(args) -> int:
         report = {**asdict(job), "delivery": dict(Counter(str(r.state) for r in results)),
                   "results": [asdict(r) for r in results]}
     print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_history(args) -> int:
+    """A patient's films on this node and what was measured on each, in the order they were taken."""
+    from dicom_node.history import patient_key
+    from dicom_node.queue import open_queue
+
+    config = _config(args)
+    if config.queue_backend == "sqlite" and not (config.state_dir / "queue.sqlite3").exists():
+        print(f"cxr-node history: no queue in {config.state_dir}", file=sys.stderr)
+        return 1
+    films = open_queue(config).films(patient_key(args.patient, args.issuer))
+    if not films:
+        print("cxr-node history: no films of this patient on this node", file=sys.stderr)
+        return 1
+    print("| taken | opacity % (right, left) | Brixia | model | study | source instance | SR |")
+    print("|---|---|---|---|---|---|---|")
+    for film in films:
+        f = film.figures
+        print(f"| {film.taken} | {f['opacity_pct']:.1f} ({f['right_pct']:.1f}, {f['left_pct']:.1f}) | "
+              f"{f['brixia_global'] if f['brixia_global'] is not None else '-'} | {film.model_version} | "
+              f"{film.study_uid} | {film.source_uid} | {film.sr_uid} |")
     return 0
 
 
@@ -105,6 +128,14 @@ def cmd_evaluate(args) -> int:
         raise SystemExit("evaluate: --data is required (or --evidence DIR)")
     if args.locked_test:
         return score_locked_test_once(args)
+    if args.repeatability:
+        from model.infer import WEIGHTS_DIR, load_pipeline
+        from model.repeatability import measure, write_change_limits
+
+        quex = Path(args.quex) if args.quex else Path(args.data).parent / "covid-qu-ex"
+        doc = measure(Path(args.data), quex, load_pipeline(threads=args.threads), Path(args.repeatability))
+        print("change limits written to the manifest:", write_change_limits(doc, WEIGHTS_DIR))
+        return 0
     if args.cv:
         from model.training import cross_validated_report
 
@@ -160,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="the node's processes, queue counts and last errors (JSON)")
     status.add_argument("--uid", help="show one instance by SOP Instance UID")
     status.set_defaults(handler=cmd_status)
+    history = commands.add_parser("history", parents=[config], help="a patient's films and figures on this node")
+    history.add_argument("--patient", required=True, help="Patient ID (the history keeps only a hash of it)")
+    history.add_argument("--issuer", default="", help="Issuer of Patient ID, if the films carry one")
+    history.set_defaults(handler=cmd_history)
     commands.add_parser("echo", parents=[config], help="C-ECHO this node and every destination (exit 1 if one fails)").set_defaults(handler=cmd_echo)
     retry = commands.add_parser("retry", parents=[config], help="queue failed instances and refused results again")
     retry.add_argument("--uid", help="only this SOP Instance UID: a source instance (and its refused results) or "
@@ -185,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--locked-test", metavar="FILE",
                           help="instead: score the locked test set (model/locked_test.csv) with the shipped model into "
                                "FILE (model/evidence/locked.json); once: an existing FILE is never overwritten")
-    evaluate.add_argument("--quex", help="with --cv or --locked-test: the COVID-QU-Ex folder (default: covid-qu-ex "
+    evaluate.add_argument("--repeatability", metavar="FILE",
+                          help="instead: measure how much the figures move between copies of one film and between "
+                               "same-day films of one patient, into FILE (model/evidence/repeatability.json)")
+    evaluate.add_argument("--quex", help="with --cv, --locked-test or --repeatability: the COVID-QU-Ex folder (default: covid-qu-ex "
                                          "beside --data)")
     evaluate.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                           help="only images of this split of model/split.csv (default: all images)")

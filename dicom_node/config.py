@@ -70,6 +70,7 @@ class Config:
     retry_initial_seconds: float
     retry_max_seconds: float
     retention_days: float
+    history_days: float
     health_bind: str
     health_port: int
     log_level: str
@@ -166,6 +167,7 @@ class _Retry(_Section):
 
 class _Retention(_Section):
     days: float = Field(ge=0)
+    history_days: float = Field(ge=0)
 
 
 class _Health(_Section):
@@ -311,6 +313,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         presentation_state=settings.outputs.presentation_state,
         destinations=tuple(destinations), retry_initial_seconds=settings.retry.initial_seconds,
         retry_max_seconds=settings.retry.max_seconds, retention_days=settings.retention.days,
+        history_days=settings.retention.history_days,
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
         audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
         queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds, source=sources,

@@ -21,11 +21,14 @@ from dicom_node.spool import Spool
 from dicom_node.systemd import notify, watchdog_interval
 
 
-def purge_expired(queue: Queue, retention_days: float) -> int:
-    """Delete held inputs whose results all left, and results delivered, older than retention."""
-    purged = queue.purge(time.time() - retention_days * 86400)
-    if purged:
-        log("retention purge", files=purged)
+def purge_expired(queue: Queue, config: Config) -> int:
+    """Delete held inputs whose results all left, and results delivered, older than retention; forget
+    the films of the patients' history older than its own retention."""
+    now = time.time()
+    purged = queue.purge(now - config.retention_days * 86400)
+    films = queue.purge_history(now - config.history_days * 86400)
+    if purged or films:
+        log("retention purge", files=purged, films=films)
     return purged
 
 
@@ -65,7 +68,7 @@ def start_scheduler(config: Config, queue: Queue, spool: Spool, liveness: Livene
         add_loop(scheduler, liveness, "promote", queue.promote_stable, config.stable_seconds, seconds=0.5)
         if config.destinations:
             add_loop(scheduler, liveness, "send", sender.send_due, seconds=1)
-        add_loop(scheduler, None, "purge", purge_expired, queue, config.retention_days, minutes=60)
+        add_loop(scheduler, None, "purge", purge_expired, queue, config, minutes=60)
     # at once, not in 5 s: until then /metrics would show a queue unreachable and an empty disk
     add_loop(scheduler, liveness, "gauges", refresh_gauges, config, queue, spool, seconds=5,
              next_run_time=datetime.now())

@@ -22,6 +22,7 @@ from dicom_node.receiver import Receiver
 from dicom_node.scheduler import add_loop, start_scheduler
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
+from dicom_node.history import ChangeLimits
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
 from model.infer import choose_providers, load_pipeline, read_manifest
@@ -31,7 +32,9 @@ def algorithm_identity() -> Algorithm:
     """Model name and a version that pins the exact weights (their sha256)."""
     info = read_manifest()
     hashes = ",".join(f"{name.split('.')[0]}:{digest[:12]}" for name, digest in sorted(info.sha256.items()))
-    return Algorithm(name="cxr-node lung+opacity U-Net", version=f"{info.version} sha256 {hashes}")
+    limits = ChangeLimits(**info.repeatability) if info.repeatability else None
+    return Algorithm(name="cxr-node lung+opacity U-Net", version=f"{info.version} sha256 {hashes}",
+                     model_version=info.version, change_limits=limits)
 
 
 HEARTBEATS_PER_LIVENESS = 12  # a process's row in `status` is refreshed this often per liveness period (5 s at 60 s)

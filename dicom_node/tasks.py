@@ -89,7 +89,7 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
     @app.periodic(cron="17 * * * *", periodic_id="purge")
     @app.task(name="purge", queue="cluster", retry=UNTIL_RECORDED)
     def purge(timestamp: int) -> int:
-        return purge_expired(queue, config.retention_days)
+        return purge_expired(queue, config)
 
     return app
 

@@ -12,6 +12,7 @@ import pydicom
 
 from dicom_node import filter as chest_filter
 from dicom_node.config import Config
+from dicom_node.history import Change, Film, compare, figures, film_time, patient_key
 from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
@@ -82,21 +83,35 @@ class Worker:
         if not decision.frontal_chest:
             return self._skip(uid, decision)
         source = prepare_source(ds)
+        key, taken_at = patient_key(ds.get("PatientID", ""), ds.get("IssuerOfPatientID", "")), film_time(ds)
+        change = self._change_since_prior(key, taken_at, uid, seg)
         segmentation = build_segmentation(source, seg, self.algorithm, received)
-        report = build_report(source, segmentation, seg, self.algorithm, received)
+        report = build_report(source, segmentation, seg, self.algorithm, received, change)
         outputs = [("SEG", segmentation), ("SR", report)]
         if self.config.secondary_capture:
             shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
-            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received)))
+            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received, change)))
         if self.config.presentation_state:
-            outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received)))
+            outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received, change)))
+        film = Film(key, taken_at, uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
+                    self.algorithm.model_version, figures(seg)) if key else None
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
                 f"{ds.get('PhotometricInterpretation', '')}") if seg.inverted else None
-        self.queue.complete(job, results, self.destinations, decision.decided_by, seg.opacity_pct, note)
+        self.queue.complete(job, results, self.destinations, decision.decided_by, seg.opacity_pct, note, film)
+        compared = {"prior_sr_uid": change.prior.sr_uid, "change_points": change.opacity_points} if change else {}
         log("instance analysed", uid=uid, decided_by=decision.decided_by, opacity_pct=round(seg.opacity_pct, 2),
-            seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID, **({"note": note} if note else {}))
+            seg_uid=segmentation.SOPInstanceUID, sr_uid=report.SOPInstanceUID, **compared,
+            **({"note": note} if note else {}))
         return State.DONE
+
+    def _change_since_prior(self, key: str | None, taken_at: float | None, uid: str, seg) -> Change | None:
+        """The change since the patient's latest film taken before this one, measured by the same model
+        version; None without a patient, a time, a prior, or measured change limits."""
+        if key is None or taken_at is None or self.algorithm.change_limits is None:
+            return None
+        prior = self.queue.prior_film(key, taken_at, self.algorithm.model_version, uid)
+        return compare(seg, prior, self.algorithm.change_limits) if prior else None
 
     def _skip(self, uid: str, decision: chest_filter.Decision) -> State:
         self.queue.skip(uid, decision.reason, decision.decided_by)

@@ -5,8 +5,10 @@ DIR/metrics.json, which must equal `model/metrics.json`.
 Evidence files (JSON, no masks): `cv.json` holds one row per Cohen image scored by the fold model that
 never saw its patient (`model.evaluate.score_image` rows with the fold's Brixia predictions); `locked.json`
 holds the locked test set scored once by the shipped model: Cohen rows as above and COVID-QU-Ex rows
-(`score_quex_image`); `ablation/<run>.json` the cross-validated rows of each variant of a recipe trial. Each row names its merged patient (`model/patients.py`): the 95 % intervals are
-percentile bootstraps over patients, so several films of one patient move together."""
+(`score_quex_image`); `repeatability.json` pairs of figures that should agree (`model/repeatability.py`);
+`ablation/<run>.json` the cross-validated rows of each variant of a recipe trial. Each row names its
+merged patient (`model/patients.py`): the 95 % intervals are percentile bootstraps over patients, so
+several films of one patient move together."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from model.metrics import boundary_counts, boundary_f1, correlation, overlap, roc_auc
+from model.repeatability import limits as repeatability_limits
 
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 20261130
@@ -157,6 +160,9 @@ def evaluate_evidence(evidence_dir: Path, out_dir: Path, samples: int = BOOTSTRA
     metrics = {"definitions": "model/evidence.py and model/metrics.py", "bootstrap_samples": samples}
     for path in sorted(evidence_dir.glob("*.json")):  # cv, locked, and earlier weights on the locked test
         doc = json.loads(path.read_text())
+        if path.stem == "repeatability":
+            metrics["repeatability"] = {"about": doc["about"], **repeatability_limits(doc)}
+            continue
         metrics[path.stem] = {"about": doc["about"], "images": {"cohen": len(doc.get("cohen", [])),
                                                                 "quex": len(doc.get("quex", []))},
                               "figures": with_intervals(doc.get("cohen", []), doc.get("quex", []), samples)}

@@ -210,15 +210,19 @@ class Pipeline:
 
 @dataclass
 class ModelInfo:
-    """Identity of the shipped weights: written into DICOM outputs as the algorithm version."""
+    """Identity of the shipped weights (written into DICOM outputs as the algorithm version) and how far
+    each figure moves between copies of one film (`repeatability`: opacity_pct, brixia_global; measured by
+    `cxr-node evaluate --repeatability`; empty until measured)."""
     name: str
     version: str
     sha256: dict
+    repeatability: dict
 
 
 def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> ModelInfo:
     doc = json.loads((Path(weights_dir) / "manifest.json").read_text())
-    return ModelInfo(name=doc["name"], version=doc["version"], sha256=doc["sha256"])
+    return ModelInfo(name=doc["name"], version=doc["version"], sha256=doc["sha256"],
+                     repeatability=doc.get("repeatability", {}))
 
 
 def choose_providers(requested: list[str] | None) -> list[str]:

@@ -252,7 +252,8 @@ def test_echo_fails_when_the_node_itself_does_not_answer(tmp_path):
 
 def test_the_node_reaches_the_model_only_through_its_interface():
     """Serving code imports `model.infer` and `model.image` only; the CLI also dispatches the model's
-    own commands (`evaluate`, `train`) to `model.evaluate`, `model.evidence` and `model.training`."""
+    own commands (`evaluate`, `train`) to `model.evaluate`, `model.evidence`, `model.repeatability` and
+    `model.training`."""
     import ast
 
     allowed = {"model.infer", "model.image"}
@@ -263,7 +264,8 @@ def test_the_node_reaches_the_model_only_through_its_interface():
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported |= {alias.name for alias in node.names if alias.name.split(".")[0] == "model"}
-        extra = {"model.evaluate", "model.evidence", "model.training"} if path.name == "cli.py" else set()
+        extra = {"model.evaluate", "model.evidence", "model.repeatability", "model.training"} \
+            if path.name == "cli.py" else set()
         assert imported <= allowed | extra, (path.name, imported - allowed - extra)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
+from dicom_node.history import Change
 from dicom_node.outputs import summary
 from dicom_node.outputs.identity import Algorithm, finish_header, result_identity
 from dicom_node.outputs.segments import SEGMENTS
@@ -21,8 +22,9 @@ LOSSY_DETAILS = ("LossyImageCompressionRatio", "LossyImageCompressionMethod")
 LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless}
 
 
-def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
-    """RGB picture: the image, the outline of every segment in its SEG colour, and the figures."""
+def burn_in(gray: np.ndarray, seg: Segmentation, change: Change | None = None) -> np.ndarray:
+    """RGB picture: the image, the outline of every segment in its SEG colour, and the figures (with the
+    change since the prior film, if there is one)."""
     picture = cv2.cvtColor(normalize_gray(gray), cv2.COLOR_GRAY2RGB)
     thickness = max(2, round(max(gray.shape) / 400))
     for segment in SEGMENTS:
@@ -32,6 +34,8 @@ def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
     lines = [summary.opacity_sentence(seg)]
     if seg.brixia:
         lines.append(f"Brixia {seg.brixia_global}/18 (A-F: {' '.join(str(seg.brixia[z]) for z in ZONES)})")
+    if change:
+        lines.append(change.sentence())
     lines.append(NOTICE)
     for index, text in enumerate(lines):
         origin = (round(20 * scale), round((40 + 36 * index) * scale))
@@ -41,9 +45,9 @@ def burn_in(gray: np.ndarray, seg: Segmentation) -> np.ndarray:
 
 
 def build_capture(source: pydicom.Dataset, gray: np.ndarray, seg: Segmentation, algorithm: Algorithm,
-                  started: datetime) -> hd.sc.SCImage:
+                  started: datetime, change: Change | None = None) -> hd.sc.SCImage:
     capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=burn_in(gray, seg), photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=source, pixel_array=burn_in(gray, seg, change), photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", **result_identity(source, "SC", algorithm),
         patient_orientation=("L", "F"),  # highdicom insists on one; replaced by the source's below
         contributing_equipment=[algorithm.contributing_equipment(started)])

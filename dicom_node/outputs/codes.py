@@ -23,6 +23,17 @@ BRIXIA_GLOBAL_SCORE = Code("CXRN-3", PRIVATE_SCHEME, "Brixia global score")
 # The expected opacity % of a zone (mean opacity probability over it), which the Brixia zone score is read from.
 EXPECTED_OPACITY_PERCENT = Code("CXRN-4", PRIVATE_SCHEME, "Expected opacity percentage of zone")
 SCORE_UNIT = Code("{score}", "UCUM", "score")
+# The change since the patient's prior film (dicom_node/history.py): no standard concepts for these either.
+PRIOR_OPACITY_PERCENT = Code("CXRN-5", PRIVATE_SCHEME, "Opacity percentage of lung area on prior film")
+OPACITY_PERCENT_CHANGE = Code("CXRN-6", PRIVATE_SCHEME, "Change in opacity percentage since prior film")
+PRIOR_BRIXIA_GLOBAL_SCORE = Code("CXRN-7", PRIVATE_SCHEME, "Brixia global score on prior film")
+BRIXIA_GLOBAL_SCORE_CHANGE = Code("CXRN-8", PRIVATE_SCHEME, "Change in Brixia global score since prior film")
+OPACITY_REPEATABILITY_LIMIT = Code("CXRN-9", PRIVATE_SCHEME, "Repeatability limit of opacity percentage")
+OPACITY_CHANGE = Code("CXRN-10", PRIVATE_SCHEME, "Opacity change since prior film")
+BEYOND_REPEATABILITY = Code("CXRN-11", PRIVATE_SCHEME, "Change beyond repeatability limit")
+# Its values: SNOMED CT change qualifiers; "no status change" where the change is within repeatability.
+CHANGE_DIRECTION = {"increased": Code("35105006", "SCT", "Increased"), "decreased": Code("1250004", "SCT", "Decreased"),
+                    "unchanged": Code("260388006", "SCT", "No status change")}
 
 # Brixia zone -> (zone of lung, laterality)
 ZONE_SITES = {

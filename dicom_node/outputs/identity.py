@@ -13,6 +13,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from dicom_node import __version__
+from dicom_node.history import ChangeLimits
 
 MANUFACTURER = "cxr-node"
 # One result series per (source series, kind, algorithm version): number and description.
@@ -51,9 +52,13 @@ def derived_uid(*parts: str) -> str:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """Who made the result: the model (name, version with weight hashes) and this node."""
+    """Who made the result: the model (name, version with weight hashes) and this node; `model_version`
+    (the weights' own, e.g. 3.0.0) decides which earlier films are comparable, and `change_limits` how far
+    a figure must move to be a change (None until the weights' repeatability is measured)."""
     name: str
     version: str
+    model_version: str = ""
+    change_limits: ChangeLimits | None = None
     node_version: str = __version__
 
     @property

@@ -9,6 +9,7 @@ from datetime import datetime
 import highdicom as hd
 import pydicom
 
+from dicom_node.history import Change
 from dicom_node.outputs import summary
 from dicom_node.outputs.capture import NOTICE
 from dicom_node.outputs.identity import Algorithm, finish_header, lo, result_identity
@@ -18,7 +19,7 @@ from model.infer import Segmentation
 
 
 def build_presentation_state(source: pydicom.Dataset, seg: Segmentation, algorithm: Algorithm,
-                             started: datetime) -> hd.pr.GrayscaleSoftcopyPresentationState:
+                             started: datetime, change: Change | None = None) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """`source` as `prepare_source` gives it (its header; the pixels are not needed)."""
     annotations, layers = [], []
     for order, segment in enumerate(SEGMENTS, start=1):
@@ -32,7 +33,7 @@ def build_presentation_state(source: pydicom.Dataset, seg: Segmentation, algorit
             annotations.append(hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer,
                                                        graphic_objects=shapes))
     text_layer = hd.pr.GraphicLayer(layer_name="FIGURES", order=len(SEGMENTS) + 1, description="AI figures")
-    lines = [summary.sentence(seg), NOTICE]
+    lines = [summary.sentence(seg)] + ([change.sentence()] if change else []) + [NOTICE]
     texts = [hd.pr.TextObject(text_value=text, units=hd.pr.AnnotationUnitsValues.DISPLAY,
                               bounding_box=(0.02, 0.02 + 0.05 * index, 0.98, 0.06 + 0.05 * index),
                               text_justification=hd.pr.TextJustificationValues.LEFT)

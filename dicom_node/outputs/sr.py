@@ -11,7 +11,11 @@ image, so viewers such as OHIF draw them and list their values):
    figures to the outline; for the opacity, its regions (the largest with the segment's Tracking UID),
    each with its share of the lung it lies in;
 3. Brixia zones A-F, each outlined and named ("Zone A (right upper)"), with its opacity %, expected
-   opacity % and Brixia score.
+   opacity % and Brixia score;
+4. when the patient has a prior film (dicom_node/history.py): the change since it, over the lung fields,
+   its tracking identifier the change sentence ("Opacity +12 points since 2020-03-14, beyond repeatability
+   (9.4); Brixia +3"), with the prior's figures, the changes, the repeatability limit, the
+   direction and whether it is beyond the limit; the prior's SR is in Pertinent Other Evidence.
 Every percentage's finding site (its own, else its group's) names the lung(s) it is a share of. Areas in
 mm² only when the source's pixel size in the patient is known, with the calibration stated. Containers
 are SEPARATE, so text renderers print each value with its name."""
@@ -24,11 +28,15 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage
 
 from dicom_node.outputs import summary
-from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, BRIXIA_ZONE_SCORE, EXPECTED_OPACITY_PERCENT, LATERALITY,
-                                      LUNG, ONE_LUNG, OPACITY, OPACITY_PERCENT, PLAIN_CHEST_XRAY, SCORE_UNIT, ZONE_SITES,
-                                      private_scheme_identification)
+from dicom_node.history import Change
+from dicom_node.outputs.codes import (BEYOND_REPEATABILITY, BRIXIA_GLOBAL_SCORE, BRIXIA_GLOBAL_SCORE_CHANGE,
+                                      BRIXIA_ZONE_SCORE, CHANGE_DIRECTION, EXPECTED_OPACITY_PERCENT, LATERALITY, LUNG,
+                                      ONE_LUNG, OPACITY, OPACITY_CHANGE, OPACITY_PERCENT, OPACITY_PERCENT_CHANGE,
+                                      OPACITY_REPEATABILITY_LIMIT, PLAIN_CHEST_XRAY, PRIOR_BRIXIA_GLOBAL_SCORE,
+                                      PRIOR_OPACITY_PERCENT, SCORE_UNIT, ZONE_SITES, private_scheme_identification)
 from dicom_node.outputs.identity import MANUFACTURER, Algorithm, derived_uid, finish_header, lo, result_identity
 from dicom_node.outputs.outlines import hull, outlines
 from dicom_node.outputs.segments import SEGMENTS
@@ -53,8 +61,9 @@ def _percent(value: float, laterality: str | None = None) -> hd.sr.Measurement:
 
 class _ReportBuilder:
     def __init__(self, source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
-                 algorithm: Algorithm):
+                 algorithm: Algorithm, change: Change | None):
         self.source, self.segmentation, self.seg, self.algorithm = source, segmentation, seg, algorithm
+        self.change = change
         self.calibrated = calibration(source)
         parameters = [f"pixel size {self.calibrated.row_mm:g} x {self.calibrated.column_mm:g} mm from "
                       f"{self.calibrated.basis}"] if self.calibrated else ["no pixel size in the patient plane known: no areas"]
@@ -89,10 +98,29 @@ class _ReportBuilder:
                         _percent(seg.left_opacity_pct, "left")]
         if seg.brixia:
             measurements.append(hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE, value=seg.brixia_global, unit=SCORE_UNIT))
-        lungs = seg.lungs > 0
-        return self.region_group(self.uid("summary"), summary.sentence(seg), hull(lungs if lungs.any() else ~lungs),
-                                 LUNG, [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements,
-                                 evaluations)
+        return self.region_group(self.uid("summary"), summary.sentence(seg), self.lung_fields(), LUNG,
+                                 [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements, evaluations)
+
+    def lung_fields(self) -> np.ndarray:
+        lungs = self.seg.lungs > 0
+        return hull(lungs if lungs.any() else ~lungs)
+
+    def change_group(self):
+        """The change since the prior film, over the lung fields."""
+        change, prior = self.change, self.change.prior.figures
+        measurements = [
+            hd.sr.Measurement(name=PRIOR_OPACITY_PERCENT, value=prior["opacity_pct"], unit=codes.UCUM.Percent),
+            hd.sr.Measurement(name=OPACITY_PERCENT_CHANGE, value=change.opacity_points, unit=codes.UCUM.Percent),
+            hd.sr.Measurement(name=OPACITY_REPEATABILITY_LIMIT, value=change.limits.opacity_pct, unit=codes.UCUM.Percent)]
+        if change.brixia_points is not None:
+            measurements += [
+                hd.sr.Measurement(name=PRIOR_BRIXIA_GLOBAL_SCORE, value=prior["brixia_global"], unit=SCORE_UNIT),
+                hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE_CHANGE, value=change.brixia_points, unit=SCORE_UNIT)]
+        evaluations = [hd.sr.QualitativeEvaluation(OPACITY_CHANGE, CHANGE_DIRECTION[change.direction]),
+                       hd.sr.QualitativeEvaluation(BEYOND_REPEATABILITY,
+                                                   codes.SCT.Yes if change.opacity_beyond else codes.SCT.No)]
+        return self.region_group(self.uid("change"), change.sentence(), self.lung_fields(), OPACITY,
+                                 [hd.sr.FindingSite(LUNG, laterality=LATERALITY["bilateral"])], measurements, evaluations)
 
     def segment_groups(self):
         """Per non-empty SEG segment: its figures referencing its SEG frame, and its outline, one Tracking UID."""
@@ -168,12 +196,14 @@ class _ReportBuilder:
         return groups
 
     def groups(self):
-        return [self.summary_group()] + self.segment_groups() + self.zone_groups()
+        change = [self.change_group()] if self.change else []
+        return [self.summary_group()] + change + self.segment_groups() + self.zone_groups()
 
 
 def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Segmentation,
-                 algorithm: Algorithm, started: datetime) -> hd.sr.ComprehensiveSR:
-    """`source` as `prepare_source` gives it, but with its spacing attributes (see `calibration`)."""
+                 algorithm: Algorithm, started: datetime, change: Change | None = None) -> hd.sr.ComprehensiveSR:
+    """`source` as `prepare_source` gives it, but with its spacing attributes (see `calibration`);
+    `change`: since the patient's prior film, if there is one."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -181,8 +211,8 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
             model_name=lo(algorithm.name)))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=_ReportBuilder(source, segmentation, seg,
-                                                                                 algorithm).groups())
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=_ReportBuilder(source, segmentation, seg, algorithm, change).groups())
     result = hd.sr.ComprehensiveSR(
         evidence=[source, segmentation], content=report, **result_identity(source, "SR", algorithm),
         is_complete=True, is_final=False, is_verified=False,  # IHE AI Results: UNVERIFIED
@@ -191,7 +221,19 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
     finish_header(result, source, "SR", started)
     result.ContinuityOfContent = "SEPARATE"
     _separate_items(result.ContentSequence)
+    if change:  # the prior's SR: evidence from outside the current requested procedure (PS3.3 C.17.2)
+        result.PertinentOtherEvidenceSequence = [_evidence(change.prior.study_uid, change.prior.sr_series_uid,
+                                                           ComprehensiveSRStorage, change.prior.sr_uid)]
     return result
+
+
+def _evidence(study_uid: str, series_uid: str, sop_class_uid: str, sop_uid: str) -> pydicom.Dataset:
+    """One Hierarchical SOP Instance Reference Macro item (PS3.3 Table C.17-3)."""
+    instance, series, study = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class_uid, sop_uid
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = series_uid, [instance]
+    study.StudyInstanceUID, study.ReferencedSeriesSequence = study_uid, [series]
+    return study
 
 
 def _separate_items(content: pydicom.Sequence) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dicom_node.history import Film
 from dicom_node.queue.jobs import NO_DESTINATION, Delivery, Job, Outgoing, State, from_row
 from dicom_node.spool import Spool
 
@@ -32,6 +33,11 @@ CREATE TABLE IF NOT EXISTS results (
     last_error TEXT, last_error_at DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION,
     PRIMARY KEY (sop_uid, destination));
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS films (
+    source_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, taken_at DOUBLE PRECISION, study_uid TEXT NOT NULL,
+    sr_uid TEXT NOT NULL, sr_series_uid TEXT NOT NULL, model_version TEXT NOT NULL, figures TEXT NOT NULL,
+    recorded_at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS films_patient ON films(patient_key, taken_at);
 CREATE TABLE IF NOT EXISTS processes (
     process_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, role TEXT NOT NULL,
     version TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL);
@@ -171,10 +177,10 @@ class Queue:
         self._transaction(self._finish(sop_uid, "failed", reason))
 
     def complete(self, job: Job, results: list[tuple[str, str, bytes]], destinations: list[str],
-                 decided_by: str, opacity_pct: float, note: str | None = None) -> None:
+                 decided_by: str, opacity_pct: float, note: str | None = None, film: Film | None = None) -> None:
         """Instance done and its results (sop_uid, kind, bytes) queued for every destination, atomically
-        (the bytes are held first). No destination: written to results_dir/<study>/, the delivery.
-        `note` (kept as the reason) says what was unusual about it."""
+        (the bytes are held first), with `film` added to its patient's history. No destination: written to
+        results_dir/<study>/, the delivery. `note` (kept as the reason) says what was unusual about it."""
         held = []
         for result_uid, kind, data in results:
             if destinations:
@@ -192,8 +198,34 @@ class Queue:
                                " next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                                (result_uid, destination, job.sop_uid, kind, path,
                                 "pending" if destinations else "written", now, now))
+            if film:
+                row = dict(film.row(), recorded_at=now)
+                columns = ", ".join(row)
+                db.execute(f"INSERT INTO films ({columns}) VALUES ({', '.join('?' * len(row))})"
+                           f" ON CONFLICT (source_uid) DO UPDATE SET "
+                           + ", ".join(f"{c} = excluded.{c}" for c in row if c != "source_uid"), tuple(row.values()))
             self._finish(job.sop_uid, "done", note, decided_by, opacity_pct)(db)
         self._transaction(statements)
+
+    # ------------------------------------------------------------ patient history
+    def prior_film(self, patient_key: str, taken_at: float, model_version: str, source_uid: str) -> Film | None:
+        """The patient's latest film taken before `taken_at`, other than `source_uid`, measured by
+        `model_version`."""
+        rows = self._query("SELECT * FROM films WHERE patient_key = ? AND model_version = ? AND taken_at < ?"
+                           " AND source_uid != ? ORDER BY taken_at DESC LIMIT 1",
+                           (patient_key, model_version, taken_at, source_uid))
+        return Film.from_row(rows[0]) if rows else None
+
+    def films(self, patient_key: str) -> list[Film]:
+        """A patient's films, in the order they were taken (those of unknown time last)."""
+        rows = self._query("SELECT * FROM films WHERE patient_key = ? ORDER BY taken_at IS NULL, taken_at",
+                           (patient_key,))
+        return [Film.from_row(row) for row in rows]
+
+    def purge_history(self, older_than: float) -> int:
+        """Forget the films recorded before `older_than`; how many."""
+        return self._transaction(lambda db: db.execute("DELETE FROM films WHERE recorded_at < ?",
+                                                       (older_than,)).rowcount)
 
     def requeue(self, sop_uid: str, reason: str) -> None:
         """processing -> queued, keeping why (e.g. the disk filled up during the job); a run put back on

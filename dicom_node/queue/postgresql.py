@@ -20,10 +20,11 @@ from dicom_node.queue.base import TABLES, Queue
 from dicom_node.queue.jobs import QueueUnavailable, SchemaTooNew
 
 # cxr_node_schema.version. 1: the SQLite tables, files, and procrastinate's schema; 2: when a result's last
-# error happened.
-SCHEMA_VERSION = 2
+# error happened; 3: the patients' films (a new table: TABLES creates it).
+SCHEMA_VERSION = 3
 MIGRATIONS = {  # version reached -> statements that bring the version before it there
     2: "ALTER TABLE results ADD COLUMN last_error_at DOUBLE PRECISION;",
+    3: "",
 }
 OWN_TABLES = """
 CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, data BYTEA NOT NULL);
@@ -69,7 +70,8 @@ class PostgresQueue(Queue):
             if version == SCHEMA_VERSION:
                 return
             for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # a new database: none
-                db.cursor.execute(MIGRATIONS[target])
+                if MIGRATIONS[target]:
+                    db.cursor.execute(MIGRATIONS[target])
             db.cursor.execute(TABLES + OWN_TABLES)
             if not db.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL present").fetchone()["present"]:
                 db.cursor.execute(SchemaManager.get_schema())

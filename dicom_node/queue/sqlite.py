@@ -11,11 +11,12 @@ from dicom_node.queue.jobs import QueueUnavailable, SchemaTooNew
 from dicom_node.spool import Spool
 
 # PRAGMA user_version. 1: instances and results; 2: the processes table and who claimed a job; 3: when a
-# result's last error happened.
-SCHEMA_VERSION = 3
+# result's last error happened; 4: the patients' films (a new table: TABLES creates it).
+SCHEMA_VERSION = 4
 MIGRATIONS = {  # version reached -> statements that bring the version before it there
     2: "ALTER TABLE instances ADD COLUMN claimed_by TEXT;",
     3: "ALTER TABLE results ADD COLUMN last_error_at DOUBLE PRECISION;",
+    4: "",
 }
 
 

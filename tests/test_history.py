@@ -1,0 +1,162 @@
+"""The change since the patient's prior film: the history each backend keeps and purges, and a real node
+that compares a film with the patient's latest earlier one in its SR (read back with highdicom, checked
+by dciodvfy), takes a late older film without rewriting newer results, and lists a patient's films."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from dicom_node.history import Film, patient_key
+from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, OPACITY_CHANGE, OPACITY_PERCENT, OPACITY_PERCENT_CHANGE,
+                                      PRIOR_OPACITY_PERCENT)
+from model.infer import read_manifest
+from tests.harness import Node, dcmsend, wait_for
+from tests.test_node_integration import dciodvfy_errors
+from tests.test_node_units import received
+
+NCCID = "nhsx-nccid/1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
+OTHER = "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+def film_row(key: str, uid: str, day: int, version: str = "3.0.0", opacity: float = 10.0) -> Film:
+    return Film(key, time.mktime((2020, 3, day, 10, 0, 0, 0, 0, -1)), uid, f"study-{uid}", f"sr-{uid}", f"series-{uid}",
+                version, {"opacity_pct": opacity, "brixia_global": 4})
+
+
+def test_the_prior_is_the_latest_film_taken_before_by_the_same_model_and_the_history_is_purged(make_queue, tmp_path):
+    queue = make_queue()
+    key, other_patient = patient_key("P1", "HOSP"), patient_key("P1", "OTHER HOSPITAL")
+    assert key != other_patient and patient_key("") is None
+    for uid, day, version, patient in (("1.1", 10, "3.0.0", key), ("1.2", 12, "3.0.0", key), ("1.3", 13, "2.1.0", key),
+                                       ("1.4", 13, "3.0.0", other_patient)):
+        assert received(queue, tmp_path, uid, study=uid)
+        queue.promote_stable(0)
+        queue.complete(queue.claim_next(), [], [], "tags", 1.0, film=film_row(patient, uid, day, version))
+    at = film_row(key, "1.9", 14)
+    assert queue.prior_film(key, at.taken_at, "3.0.0", "1.9").source_uid == "1.2"  # not 1.3 (2.1.0) nor 1.4
+    assert queue.prior_film(key, film_row(key, "1.0", 11).taken_at, "3.0.0", "1.0").source_uid == "1.1"
+    assert queue.prior_film(key, film_row(key, "1.0", 10).taken_at, "3.0.0", "1.0") is None  # strictly before
+    assert [f.source_uid for f in queue.films(key)] == ["1.1", "1.2", "1.3"]
+    assert queue.films(key)[0].figures == {"opacity_pct": 10.0, "brixia_global": 4}
+    assert queue.purge_history(time.time() - 3600) == 0  # recorded just now: kept
+    assert queue.purge_history(time.time() + 1) == 4
+    assert queue.films(key) == []
+
+
+def chest_film(dicom_dir: Path, source: str, folder: Path, day: str, patient: str = "HIST-0042") -> Path:
+    """A new study of `source` for `patient`, taken on `day` (YYYYMMDD) at 10:15."""
+    ds = pydicom.dcmread(dicom_dir / source)
+    ds.PatientID, ds.IssuerOfPatientID, ds.PatientName = patient, "HOSP", "Doe^Jane"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyDate = ds.AcquisitionDate = day
+    ds.AcquisitionTime = "101500"
+    if "AcquisitionDateTime" in ds:
+        del ds.AcquisitionDateTime
+    path = folder / f"{day}-{Path(source).stem[:20]}.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def sent_and_analysed(node: Node, path: Path, written_before: int) -> tuple[hd.sr.ComprehensiveSR, Path]:
+    """Send one film, wait for its SEG and SR; its SR read back with highdicom, and the SR's file."""
+    assert dcmsend(node.port, [path]).returncode == 0
+    wait_for(lambda: node.status()["results"].get("written", 0) == written_before + 2, 120, what="SEG and SR written")
+    study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    report = next((node.folder / "state" / "results" / study).glob("SR_*.dcm"))
+    return hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(report)), report
+
+
+def change_group(report: hd.sr.ComprehensiveSR):
+    groups = [g for g in report.content.get_planar_roi_measurement_groups()
+              if g.get_measurements(name=OPACITY_PERCENT_CHANGE)]
+    assert len(groups) <= 1
+    return groups[0] if groups else None
+
+
+def value(group, name) -> float:
+    return float(group.get_measurements(name=name)[0].value)
+
+
+@pytest.fixture
+def node(tmp_path):
+    node = Node(tmp_path / "node", processing={"stable_seconds": 0}).start()
+    yield node
+    node.stop()
+
+
+def test_a_film_two_days_after_another_carries_the_change_and_references_the_prior_sr(node, dicom_dir, tmp_path):
+    first = chest_film(dicom_dir, NCCID, tmp_path / "films", "20200310")
+    second = chest_film(dicom_dir, OTHER, tmp_path / "films", "20200312")
+    prior, _ = sent_and_analysed(node, first, 0)
+    report, path = sent_and_analysed(node, second, 2)
+    assert change_group(prior) is None  # nothing before it
+    group = change_group(report)
+    assert group is not None
+    prior_pct = value(prior.content.get_planar_roi_measurement_groups()[0], OPACITY_PERCENT)
+    this_pct = value(report.content.get_planar_roi_measurement_groups()[0], OPACITY_PERCENT)
+    assert value(group, PRIOR_OPACITY_PERCENT) == pytest.approx(prior_pct, abs=0.01)
+    assert value(group, OPACITY_PERCENT_CHANGE) == pytest.approx(this_pct - prior_pct, abs=0.02)
+    limit = read_manifest().repeatability["opacity_pct"]
+    direction = group.get_qualitative_evaluations(name=OPACITY_CHANGE)[0].value.meaning
+    expected = "No status change" if abs(this_pct - prior_pct) <= limit else \
+        ("Increased" if this_pct > prior_pct else "Decreased")
+    assert direction == expected
+    identifier = str(group.tracking_identifier)
+    assert "since 2020-03-10" in identifier and f"repeatability ({limit:.1f})" in identifier
+    brixia_change = round(value(report.content.get_planar_roi_measurement_groups()[0], BRIXIA_GLOBAL_SCORE)
+                          - value(prior.content.get_planar_roi_measurement_groups()[0], BRIXIA_GLOBAL_SCORE))
+    assert f"Brixia {brixia_change:+d}" in identifier
+    evidence = pydicom.dcmread(path).PertinentOtherEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == prior.SOPInstanceUID
+    assert dciodvfy_errors(pydicom.dcmread(path), tmp_path) == []
+    listed = node.cli("history", "--patient", "HIST-0042", "--issuer", "HOSP")
+    assert listed.returncode == 0 and [line.split(" | ")[0] for line in listed.stdout.splitlines()[2:]] == \
+        ["| 2020-03-10 10:15", "| 2020-03-12 10:15"]
+    assert node.cli("history", "--patient", "HIST-0042").returncode == 1  # another issuer's patient: none
+    for database in (node.folder / "state").glob("queue.sqlite3*"):  # the history keeps no name and no ID
+        assert b"Doe^Jane" not in database.read_bytes() and b"HIST-0042" not in database.read_bytes()
+
+
+def test_a_late_older_film_is_compared_with_earlier_films_and_leaves_newer_results_as_sent(node, dicom_dir, tmp_path):
+    films = tmp_path / "films"
+    newer, newer_path = sent_and_analysed(node, chest_film(dicom_dir, NCCID, films, "20200314"), 0)
+    sent = newer_path.read_bytes()
+    older, _ = sent_and_analysed(node, chest_film(dicom_dir, OTHER, films, "20200310"), 2)
+    assert change_group(older) is None  # no film of this patient was taken before it
+    assert newer_path.read_bytes() == sent  # the newer film's SR is not rewritten
+    latest, _ = sent_and_analysed(node, chest_film(dicom_dir, OTHER, films, "20200316"), 4)
+    assert "since 2020-03-14" in str(change_group(latest).tracking_identifier)  # taken order, not arrival
+    assert value(change_group(latest), PRIOR_OPACITY_PERCENT) == pytest.approx(
+        value(newer.content.get_planar_roi_measurement_groups()[0], OPACITY_PERCENT), abs=0.01)
+
+
+def test_the_presentation_state_and_the_secondary_capture_show_the_change(dicom_dir):
+    from datetime import datetime
+
+    from dicom_node.history import compare, figures
+    from dicom_node.outputs.capture import burn_in
+    from dicom_node.outputs.presentation import build_presentation_state
+    from dicom_node.outputs.source import prepare_source
+    from dicom_node.pixels import dataset_gray
+    from dicom_node.service import algorithm_identity
+    from model.infer import load_pipeline
+
+    ds = pydicom.dcmread(dicom_dir / NCCID)
+    gray = dataset_gray(ds)
+    seg, algorithm = load_pipeline().segment(gray), algorithm_identity()
+    prior = film_row("k", "1.2", 10)
+    prior = Film(**{**prior.__dict__, "figures": dict(figures(seg), opacity_pct=seg.opacity_pct - 20)})
+    change = compare(seg, prior, algorithm.change_limits)
+    assert change.direction == "increased" and change.sentence().startswith("Opacity +20 points since 2020-03-10")
+    state = build_presentation_state(prepare_source(ds), seg, algorithm, datetime(2020, 3, 12), change)
+    texts = [text.UnformattedTextValue for annotation in state.GraphicAnnotationSequence
+             for text in annotation.get("TextObjectSequence", [])]
+    assert change.sentence() in texts
+    assert (burn_in(gray, seg, change) != burn_in(gray, seg)).any()
