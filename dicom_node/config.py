@@ -81,6 +81,9 @@ class Config:
     stalled_seconds: float = 30
     liveness_seconds: float = 60
     max_attempts: int = 3
+    priors_pacs: str = ""  # the destination asked for this node's earlier SRs of a patient ("": none)
+    priors_lookback_days: float = 400
+    priors_max_studies: int = 3
     source: list = field(default_factory=list)
 
 
@@ -160,6 +163,12 @@ class _Outputs(_Section):
     presentation_state: bool
 
 
+class _Priors(_Section):
+    pacs: str
+    lookback_days: float = Field(gt=0)
+    max_studies: int = Field(ge=1, le=20)
+
+
 class _Retry(_Section):
     initial_seconds: float = Field(ge=0.1)
     max_seconds: float = Field(ge=0.1)
@@ -204,6 +213,7 @@ class _Settings(_Section):
     processing: _Processing
     outputs: _Outputs
     destinations: list[_Destination] = []
+    priors: _Priors
     retry: _Retry
     retention: _Retention
     health: _Health
@@ -299,6 +309,8 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
                     for index, entry in enumerate(settings.destinations)]
     if len({d.name for d in destinations}) != len(destinations):
         raise ConfigError("destinations: names must be unique")
+    if settings.priors.pacs and settings.priors.pacs not in {d.name for d in destinations}:
+        raise ConfigError(f"priors.pacs: no destination named {settings.priors.pacs!r}")
     state_dir = (base_dir / storage.state_dir).resolve()
     return Config(
         ae_title=node.ae_title, bind=node.bind, port=node.port, allowed_calling_aes=tuple(node.allowed_calling_aes),
@@ -316,5 +328,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         history_days=settings.retention.history_days,
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
         audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
-        queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds, source=sources,
+        queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds,
+        priors_pacs=settings.priors.pacs, priors_lookback_days=settings.priors.lookback_days,
+        priors_max_studies=settings.priors.max_studies, source=sources,
     )

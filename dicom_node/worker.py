@@ -23,6 +23,7 @@ from dicom_node.outputs.seg import build_segmentation
 from dicom_node.outputs.source import prepare_source
 from dicom_node.outputs.sr import build_report
 from dicom_node.pixels import UnusableImage, dataset_gray
+from dicom_node.priors import films_from_pacs
 from dicom_node.queue import Job, Queue, QueueUnavailable, State
 from dicom_node.spool import Spool
 from model.infer import Pipeline
@@ -83,8 +84,7 @@ class Worker:
         if not decision.frontal_chest:
             return self._skip(uid, decision)
         source = prepare_source(ds)
-        key, taken_at = patient_key(ds.get("PatientID", ""), ds.get("IssuerOfPatientID", "")), film_time(ds)
-        change = self._change_since_prior(key, taken_at, uid, seg)
+        change = self._change_since_prior(ds, seg)
         segmentation = build_segmentation(source, seg, self.algorithm, received)
         report = build_report(source, segmentation, seg, self.algorithm, received, change)
         outputs = [("SEG", segmentation), ("SR", report)]
@@ -93,7 +93,8 @@ class Worker:
             outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received, change)))
         if self.config.presentation_state:
             outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received, change)))
-        film = Film(key, taken_at, uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
+        key = patient_key(ds.get("PatientID", ""), ds.get("IssuerOfPatientID", ""))
+        film = Film(key, film_time(ds), uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
                     self.algorithm.model_version, figures(seg)) if key else None
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
@@ -105,12 +106,19 @@ class Worker:
             **({"note": note} if note else {}))
         return State.DONE
 
-    def _change_since_prior(self, key: str | None, taken_at: float | None, uid: str, seg) -> Change | None:
+    def _change_since_prior(self, ds: pydicom.Dataset, seg) -> Change | None:
         """The change since the patient's latest film taken before this one, measured by the same model
-        version; None without a patient, a time, a prior, or measured change limits."""
+        version: from the node's history, else (`[priors] pacs`) from its earlier SRs in the PACS, which
+        join the history; None without a patient, a time, a prior, or measured change limits."""
+        patient_id, issuer = str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))
+        key, taken_at, version = patient_key(patient_id, issuer), film_time(ds), self.algorithm.model_version
         if key is None or taken_at is None or self.algorithm.change_limits is None:
             return None
-        prior = self.queue.prior_film(key, taken_at, self.algorithm.model_version, uid)
+        prior = self.queue.prior_film(key, taken_at, version, ds.SOPInstanceUID)
+        if prior is None and self.config.priors_pacs:
+            fetched = films_from_pacs(self.config, key, patient_id, issuer, taken_at)
+            self.queue.remember_films([f for f in fetched if f.source_uid != ds.SOPInstanceUID])
+            prior = self.queue.prior_film(key, taken_at, version, ds.SOPInstanceUID)
         return compare(seg, prior, self.algorithm.change_limits) if prior else None
 
     def _skip(self, uid: str, decision: chest_filter.Decision) -> State:

@@ -57,10 +57,11 @@ class Orthanc:
     DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
 
     def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None, dicomweb: bool = False,
-                 tls: dict | None = None):
+                 tls: dict | None = None, query_retrieve: bool = False):
         """`tls`: {"certificate", "private_key", "trusted"} PEM paths: DICOM TLS only, client certificates
-        from `trusted` required."""
+        from `trusted` required. `query_retrieve`: answer C-FIND and C-GET from any AE."""
         self.folder, self.aet, self.dicomweb, self.tls = Path(folder), aet, dicomweb, tls
+        self.query_retrieve = query_retrieve
         self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
         self.process = None
 
@@ -71,7 +72,8 @@ class Orthanc:
                   "HttpBindAddress": "127.0.0.1", "DicomBindAddress": "127.0.0.1", "RemoteAccessAllowed": False,
                   "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
                   "Plugins": [self.DICOMWEB_PLUGIN] if self.dicomweb else [],
-                  "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"}}
+                  "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
+                  "DicomAlwaysAllowFind": self.query_retrieve, "DicomAlwaysAllowGet": self.query_retrieve}
         if self.tls:
             config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": self.tls["certificate"],
                            "DicomTlsPrivateKey": self.tls["private_key"],
@@ -137,7 +139,7 @@ class Node:
                                 ("retry", {"initial_seconds": 0.5, "max_seconds": 2}),
                                 ("health", {"port": self.health_port}), ("tls", self.settings.get("tls", {})),
                                 ("outputs", self.settings.get("outputs", {})), ("audit", self.settings.get("audit", {})),
-                                ("queue", self.settings.get("queue", {}))):
+                                ("queue", self.settings.get("queue", {})), ("priors", self.settings.get("priors", {}))):
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for name, orthanc, *options in self.destinations:  # options: {key: value} of the destination

@@ -3,6 +3,7 @@ that compares a film with the patient's latest earlier one in its SR (read back 
 by dciodvfy), takes a late older film without rewriting newer results, and lists a patient's films."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -160,3 +161,53 @@ def test_the_presentation_state_and_the_secondary_capture_show_the_change(dicom_
              for text in annotation.get("TextObjectSequence", [])]
     assert change.sentence() in texts
     assert (burn_in(gray, seg, change) != burn_in(gray, seg)).any()
+
+
+def test_a_new_installation_finds_the_prior_in_the_pacs_through_query_retrieve(dicom_dir, tmp_path):
+    """Node A measured the first film and sent its SR to Orthanc; node B, a new installation with an empty
+    history and `[priors] pacs`, finds that SR by C-FIND, fetches it by C-GET and compares with it."""
+    from tests.harness import Orthanc
+
+    pacs = Orthanc(tmp_path / "orthanc", query_retrieve=True).start()
+    films = tmp_path / "films"
+    try:
+        first = Node(tmp_path / "a", destinations=[("pacs", pacs)], processing={"stable_seconds": 0}).start()
+        try:
+            assert dcmsend(first.port, [chest_film(dicom_dir, NCCID, films, "20200310")]).returncode == 0
+            wait_for(lambda: first.status()["results"].get("sent", 0) == 2, 120, what="node A's SEG and SR in Orthanc")
+        finally:
+            first.stop()
+        prior_sr = pacs.instances("SR")[0]["tags"]["SOPInstanceUID"]
+        second = Node(tmp_path / "b", destinations=[("pacs", pacs)], processing={"stable_seconds": 0},
+                      priors={"pacs": "pacs"}).start()
+        try:
+            later = chest_film(dicom_dir, OTHER, films, "20200312")
+            assert dcmsend(second.port, [later]).returncode == 0
+            wait_for(lambda: second.status()["results"].get("sent", 0) == 2, 120, what="node B's SEG and SR in Orthanc")
+            listed = second.cli("history", "--patient", "HIST-0042", "--issuer", "HOSP").stdout
+        finally:
+            second.stop()
+        study = pydicom.dcmread(later, stop_before_pixels=True).StudyInstanceUID
+        report = next(pydicom.dcmread(io.BytesIO(pacs.file(i["id"]))) for i in pacs.instances("SR")
+                      if i["tags"]["StudyInstanceUID"] == study)
+    finally:
+        pacs.stop()
+    group = change_group(hd.sr.ComprehensiveSR.from_dataset(report))
+    assert group is not None and "since 2020-03-10" in str(group.tracking_identifier)
+    referenced = report.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == prior_sr
+    assert prior_sr in listed and "2020-03-12" in listed  # the prior learnt from the PACS joined the history
+
+
+def test_a_pacs_that_cannot_be_asked_leaves_the_film_without_a_comparison(tmp_path):
+    from dicom_node.config import ConfigError, load_config
+    from dicom_node.priors import films_from_pacs
+    from tests.harness import free_port
+
+    site = tmp_path / "node.toml"
+    site.write_text(f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+                    '[priors]\npacs = "pacs"\n[node]\nnetwork_timeout = 2\n')
+    assert films_from_pacs(load_config(site, tmp_path), "key", "HIST-0042", "HOSP", time.time()) == []
+    site.write_text('[priors]\npacs = "pacs"\n')  # no such destination: refused at start, named
+    with pytest.raises(ConfigError, match="priors.pacs: no destination named 'pacs'"):
+        load_config(site, tmp_path)

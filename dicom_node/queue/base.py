@@ -49,6 +49,13 @@ FORGET_AFTER_LIVENESS = 10
 DIED = "'worker died ' || attempts || ' times while analysing it'"
 
 
+def _record_film(db, film: Film, now: float, replace: bool) -> None:
+    row = dict(film.row(), recorded_at=now)
+    updates = ", ".join(f"{column} = excluded.{column}" for column in row if column != "source_uid")
+    db.execute(f"INSERT INTO films ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) ON CONFLICT (source_uid) "
+               + (f"DO UPDATE SET {updates}" if replace else "DO NOTHING"), tuple(row.values()))
+
+
 class Queue:
     """Shared by both backends; `results_dir` is where results go when no destination is configured."""
 
@@ -199,13 +206,15 @@ class Queue:
                                (result_uid, destination, job.sop_uid, kind, path,
                                 "pending" if destinations else "written", now, now))
             if film:
-                row = dict(film.row(), recorded_at=now)
-                columns = ", ".join(row)
-                db.execute(f"INSERT INTO films ({columns}) VALUES ({', '.join('?' * len(row))})"
-                           f" ON CONFLICT (source_uid) DO UPDATE SET "
-                           + ", ".join(f"{c} = excluded.{c}" for c in row if c != "source_uid"), tuple(row.values()))
+                _record_film(db, film, now, replace=True)
             self._finish(job.sop_uid, "done", note, decided_by, opacity_pct)(db)
         self._transaction(statements)
+
+    def remember_films(self, films: list[Film]) -> None:
+        """Films learnt elsewhere (the PACS's copies of this node's SRs): added to the history, never
+        over a film this node measured itself."""
+        now = time.time()
+        self._transaction(lambda db: [_record_film(db, film, now, replace=False) for film in films])
 
     # ------------------------------------------------------------ patient history
     def prior_film(self, patient_key: str, taken_at: float, model_version: str, source_uid: str) -> Film | None:
