@@ -63,7 +63,11 @@ class AuditTrail:
     def result_sent(self, destination, header, sop_class_uid: str, sop_uid: str, stored: bool, detail: str = "") -> None:
         message = self._message(INSTANCES_TRANSFERRED, "R", SUCCESS if stored else SERIOUS_FAILURE, detail=detail)
         self._participant(message, self.ae_title, self.host, SOURCE_ROLE, requestor=True)
-        self._participant(message, destination.ae_title, destination.host, DESTINATION_ROLE, requestor=False)
+        if destination.dicomweb:  # a STOW-RS destination is known by its URL
+            user, address = destination.dicomweb.url, urlparse(destination.dicomweb.url).hostname or ""
+        else:
+            user, address = destination.ae_title, destination.host
+        self._participant(message, user, address, DESTINATION_ROLE, requestor=False)
         self._write(message, self._objects(header, sop_class_uid, sop_uid))
 
     # ------------------------------------------------------------ message parts

@@ -70,8 +70,10 @@ def cmd_history(args) -> int:
 
 
 def cmd_echo(args) -> int:
-    """C-ECHO this node's own port (as a sender it allows would), then every destination."""
+    """C-ECHO this node's own port (as a sender it allows would), then every destination (a DICOMweb one
+    by a QIDO-RS query)."""
     from dicom_node.config import Destination
+    from dicom_node.dicomweb_sender import check as check_dicomweb
     from dicom_node.sender import echo
 
     config = _config(args)
@@ -85,10 +87,14 @@ def cmd_echo(args) -> int:
     checks += [(destination, None) for destination in config.destinations]
     failures = 0
     for destination, calling in checks:
-        ok, message = echo(config, destination, calling)
+        if destination.dicomweb:  # a STOW-RS destination: is its DICOMweb service there, and are we let in?
+            ok, message = check_dicomweb(destination.dicomweb, config.network_timeout)
+            where = destination.dicomweb.url
+        else:
+            ok, message = echo(config, destination, calling)
+            where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         failures += not ok
-        print(f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}): "
-              f"{'ok' if ok else 'FAILED'} - {message}")
+        print(f"{destination.name} ({where}): {'ok' if ok else 'FAILED'} - {message}")
     if not config.destinations:
         print(f"no destinations configured: results are written to {config.results_dir}")
     return 1 if failures else 0

@@ -28,6 +28,17 @@ class OutboundTLS:
 
 
 @dataclass(frozen=True)
+class DicomWebTarget:
+    """A DICOMweb (STOW-RS) destination: its base URL and credentials, read from their files at start-up
+    (never printed: repr=False)."""
+    url: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -35,6 +46,19 @@ class Destination:
     port: int
     sr_only_with_seg: bool = False  # send an SR only once its SEG is stored there
     tls: OutboundTLS | None = None
+    dicomweb: DicomWebTarget | None = None  # set: a STOW-RS destination (ae_title, host, port unused)
+
+
+@dataclass(frozen=True)
+class DicomWebEndpoint:
+    """The STOW-RS endpoint ([dicomweb]); port 0: off. Users {name: password} and bearer tokens, from their
+    files; TLS from PEM files."""
+    bind: str
+    port: int
+    users: dict = field(default_factory=dict, repr=False)
+    tokens: frozenset = field(default_factory=frozenset, repr=False)
+    certificate: Path | None = None
+    private_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,7 @@ class Config:
     stalled_seconds: float = 30
     liveness_seconds: float = 60
     max_attempts: int = 3
+    dicomweb: DicomWebEndpoint | None = None
     priors_pacs: str = ""  # the destination asked for this node's earlier SRs of a patient ("": none)
     priors_lookback_days: float = 400
     priors_max_studies: int = 3
@@ -195,13 +220,26 @@ class _Logging(_Section):
 
 class _Destination(_Section):
     name: str
-    ae_title: AETitle
-    host: str
-    port: Port
+    ae_title: AETitle | None = None  # DIMSE (C-STORE): ae_title, host and port
+    host: str = ""
+    port: Port | None = None
+    url: str = ""                    # DICOMweb (STOW-RS): the base URL, e.g. https://pacs.example/dicom-web
+    username: str = ""
+    password_file: str = ""
+    token_file: str = ""
     sr_only_with_seg: bool = False
     tls_ca_certificates: str = ""
     tls_certificate: str = ""
     tls_private_key: str = ""
+
+
+class _DicomWeb(_Section):
+    bind: str
+    port: int = Field(ge=0, le=65535)
+    users_file: str
+    tokens_file: str
+    tls_certificate: str
+    tls_private_key: str
 
 
 class _Settings(_Section):
@@ -214,6 +252,7 @@ class _Settings(_Section):
     outputs: _Outputs
     destinations: list[_Destination] = []
     priors: _Priors
+    dicomweb: _DicomWeb
     retry: _Retry
     retention: _Retention
     health: _Health
@@ -273,15 +312,61 @@ def _tls(section: _TLS, base_dir: Path) -> TLSSettings | None:
                        pem("ca_certificates", section.require_client_certificate), section.require_client_certificate)
 
 
+def _secret(value: str, key: str, base_dir: Path) -> str:
+    """The first line of the file `value` names ("" when it names none)."""
+    if not value:
+        return ""
+    try:
+        return (base_dir / value).read_text().strip().splitlines()[0]
+    except (OSError, IndexError) as error:
+        raise ConfigError(f"{key}: cannot read {base_dir / value}: {getattr(error, 'strerror', None) or 'empty file'}") \
+            from None
+
+
 def _destination(entry: _Destination, key: str, base_dir: Path) -> Destination:
     ca, certificate, private_key = (_pem_file(getattr(entry, name), f"{key}.{name}", base_dir)
                                     for name in ("tls_ca_certificates", "tls_certificate", "tls_private_key"))
+    if entry.url:
+        if entry.ae_title or entry.host or entry.port:
+            raise ConfigError(f"{key}: either url (DICOMweb) or ae_title, host and port (DIMSE), not both")
+        if urlparse(entry.url).scheme not in ("http", "https") or not urlparse(entry.url).netloc:
+            raise ConfigError(f"{key}.url: an http(s) URL is needed, got {entry.url!r}")
+        if entry.password_file and not entry.username:
+            raise ConfigError(f"{key}.password_file: goes with username")
+        target = DicomWebTarget(entry.url.rstrip("/"), entry.username,
+                                _secret(entry.password_file, f"{key}.password_file", base_dir),
+                                _secret(entry.token_file, f"{key}.token_file", base_dir), ca)
+        return Destination(entry.name, "", "", 0, entry.sr_only_with_seg, dicomweb=target)
+    if not (entry.ae_title and entry.host and entry.port):
+        raise ConfigError(f"{key}: ae_title, host and port are needed (or url for a DICOMweb destination)")
     if (certificate is None) != (private_key is None):
         raise ConfigError(f"{key}: tls_certificate and tls_private_key go together")
     if certificate and not ca:
         raise ConfigError(f"{key}.tls_ca_certificates: needed for TLS (the CA that signs the destination's certificate)")
     return Destination(entry.name, entry.ae_title, entry.host, entry.port, entry.sr_only_with_seg,
                        OutboundTLS(ca, certificate, private_key) if ca else None)
+
+
+def _dicomweb(section: _DicomWeb, base_dir: Path) -> DicomWebEndpoint | None:
+    """The STOW-RS endpoint, or None (port 0). Users: `name:password` lines; tokens: one per line. Off the
+    loopback interface it needs TLS and at least one user or token."""
+    if not section.port:
+        return None
+    def lines(value: str, key: str) -> list[str]:
+        try:
+            return [line.strip() for line in (base_dir / value).read_text().splitlines() if line.strip()] if value else []
+        except OSError as error:
+            raise ConfigError(f"dicomweb.{key}: cannot read {base_dir / value}: {error.strerror}") from None
+    users = dict(line.split(":", 1) for line in lines(section.users_file, "users_file") if ":" in line)
+    tokens = frozenset(lines(section.tokens_file, "tokens_file"))
+    certificate = _pem_file(section.tls_certificate, "dicomweb.tls_certificate", base_dir)
+    private_key = _pem_file(section.tls_private_key, "dicomweb.tls_private_key", base_dir)
+    if (certificate is None) != (private_key is None):
+        raise ConfigError("dicomweb: tls_certificate and tls_private_key go together")
+    if section.bind not in ("127.0.0.1", "::1", "localhost") and not (certificate and (users or tokens)):
+        raise ConfigError(f"dicomweb.bind: {section.bind} is not loopback: TLS (tls_certificate, tls_private_key) "
+                          "and authentication (users_file or tokens_file) are needed")
+    return DicomWebEndpoint(section.bind, section.port, users, tokens, certificate, private_key)
 
 
 def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:
@@ -309,8 +394,8 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
                     for index, entry in enumerate(settings.destinations)]
     if len({d.name for d in destinations}) != len(destinations):
         raise ConfigError("destinations: names must be unique")
-    if settings.priors.pacs and settings.priors.pacs not in {d.name for d in destinations}:
-        raise ConfigError(f"priors.pacs: no destination named {settings.priors.pacs!r}")
+    if settings.priors.pacs and settings.priors.pacs not in {d.name for d in destinations if not d.dicomweb}:
+        raise ConfigError(f"priors.pacs: no DIMSE destination named {settings.priors.pacs!r}")
     state_dir = (base_dir / storage.state_dir).resolve()
     return Config(
         ae_title=node.ae_title, bind=node.bind, port=node.port, allowed_calling_aes=tuple(node.allowed_calling_aes),
@@ -329,6 +414,6 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
         audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
         queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds,
-        priors_pacs=settings.priors.pacs, priors_lookback_days=settings.priors.lookback_days,
+        dicomweb=_dicomweb(settings.dicomweb, base_dir), priors_pacs=settings.priors.pacs, priors_lookback_days=settings.priors.lookback_days,
         priors_max_studies=settings.priors.max_studies, source=sources,
     )

@@ -1,6 +1,7 @@
-"""C-STORE SCU: pending results -> each destination, by the answer's status class (PS3.4 B.2.3, PS3.7 C):
-success and warning are stored (a warning is logged and kept), a transient failure is retried with
-exponential backoff, a permanent one is marked failed with its reason until `cxr-node retry`."""
+"""Pending results -> each destination, by C-STORE (DIMSE) or STOW-RS (DICOMweb: dicomweb_sender.py), by
+the answer's outcome class (outcomes.py; PS3.4 B.2.3, PS3.7 C): success and warning are stored (a warning
+is logged and kept), a transient failure is retried with exponential backoff, a permanent one is marked
+failed with its reason until `cxr-node retry`."""
 from __future__ import annotations
 
 import re
@@ -15,8 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, Destination
+from dicom_node import dicomweb_sender
 from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
+from dicom_node.outcomes import PERMANENT, STORED, TRANSIENT, TRANSIENT_STATUSES, WARNING, status_class
 from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 
 # The SR carries 2D image coordinates only, so it is Comprehensive SR, which more PACS store than
@@ -24,24 +27,6 @@ from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 RESULT_SOP_CLASSES = (SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
                       GrayscaleSoftcopyPresentationStateStorage)
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-STORED, WARNING, TRANSIENT, PERMANENT = "stored", "warning", "transient", "permanent"
-# Failures worth trying again as they are: the PACS is short of resources or busy.
-TRANSIENT_STATUSES = {0x0110: "processing failure", 0x0210: "duplicate invocation", 0x0213: "resource limitation"}
-
-
-def status_class(status: int | None) -> str:
-    """What a C-STORE answer means for the result: STORED, WARNING, TRANSIENT or PERMANENT.
-    No answer (association lost) is TRANSIENT; failures not known to pass (0xA9xx data set does not
-    match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported, ...) are PERMANENT."""
-    if status is None:
-        return TRANSIENT
-    if status == 0x0000:
-        return STORED
-    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
-        return WARNING
-    if 0xA700 <= status <= 0xA7FF or status in TRANSIENT_STATUSES:
-        return TRANSIENT
-    return PERMANENT
 
 
 class _HandshakeRecordingSocket(ssl.SSLSocket):
@@ -162,8 +147,37 @@ class Sender:
                     break  # transient failures wait for their backoff
         return stored
 
+    def _record(self, outgoing: Outgoing, destination: Destination, outcome: str, reason: str,
+                answered: bool = True) -> tuple[int, int]:
+        """Record one answer; (stored, permanently refused). `reason`: the warning or the failure;
+        `answered`: the destination answered (a transfer that failed is audited)."""
+        if outcome in (STORED, WARNING):
+            warning = reason if outcome == WARNING else None
+            self.queue.mark_sent(outgoing.sop_uid, destination.name, warning)
+            self._audit(outgoing, destination, stored=True, detail=warning or "")
+            SENT.labels(destination.name, outcome).inc()
+            log("result stored", 30 if warning else 20, uid=outgoing.sop_uid, kind=outgoing.kind,
+                source_uid=outgoing.source_sop_uid, destination=destination.name,
+                **({"warning": warning} if warning else {}))
+            return 1, 0
+        self._failed(outgoing, destination, reason, outcome)
+        if answered:
+            self._audit(outgoing, destination, stored=False, detail=reason)
+        return 0, int(outcome == PERMANENT)
+
+    def _held(self, outgoing: Outgoing, destination: Destination):
+        """The result's bytes as the queue holds them (a spool path or a file object); None, recorded as
+        refused, when they are gone: nothing can bring them back, so say so and do not spin."""
+        try:
+            return self.queue.result_file(outgoing)
+        except FileNotFoundError as error:
+            self._failed(outgoing, destination, f"result file missing: {error}", PERMANENT)
+            return None
+
     def _send_batch(self, destination: Destination, batch: list[Outgoing]) -> tuple[int, int]:
-        """(stored, permanently refused) of `batch`, over one association."""
+        """(stored, permanently refused) of `batch`: over one association, or one STOW-RS request each."""
+        if destination.dicomweb:
+            return self._stow_batch(destination, batch)
         try:
             assoc, failure = associate(self.config, destination)
         except (OSError, ssl.SSLError) as error:  # e.g. the CA file cannot be read
@@ -175,47 +189,54 @@ class Sender:
         stored = refused = 0
         try:
             for outgoing in batch:
-                try:
-                    held = self.queue.result_file(outgoing)
-                except FileNotFoundError as error:  # nothing can bring the bytes back: say so, do not spin
-                    self._failed(outgoing, destination, f"result file missing: {error}", PERMANENT)
+                if (held := self._held(outgoing, destination)) is None:
                     refused += 1
                     continue
                 try:  # a spool file is sent as stored, not decoded
                     status = assoc.send_c_store(held if isinstance(held, Path) else pydicom.dcmread(held))
                 except ValueError as error:  # no accepted presentation context: the PACS does not take this class
-                    self._failed(outgoing, destination, f"not accepted by the destination: {error}", PERMANENT)
-                    refused += 1
-                    continue
+                    outcome = self._record(outgoing, destination, PERMANENT, f"not accepted by the destination: {error}",
+                                           answered=False)
                 except pydicom.errors.InvalidDicomError as error:
-                    self._failed(outgoing, destination, f"result file unreadable: {error}", PERMANENT)
-                    refused += 1
-                    continue
+                    outcome = self._record(outgoing, destination, PERMANENT, f"result file unreadable: {error}",
+                                           answered=False)
                 except (OSError, RuntimeError) as error:
-                    self._failed(outgoing, destination, f"{type(error).__name__}: {error}")
-                    continue
-                code = getattr(status, "Status", None)
-                outcome = status_class(code)
-                comment = f": {text}" if (text := self._error_comment(status, outgoing)) else ""
-                if outcome in (STORED, WARNING):
-                    warning = f"stored with warning status 0x{code:04X}{comment}" if outcome == WARNING else None
-                    self.queue.mark_sent(outgoing.sop_uid, destination.name, warning)
-                    self._audit(outgoing, destination, stored=True, detail=warning or "")
-                    SENT.labels(destination.name, outcome).inc()
-                    log("result stored", 30 if warning else 20, uid=outgoing.sop_uid, kind=outgoing.kind,
-                        source_uid=outgoing.source_sop_uid, destination=destination.name,
-                        **({"warning": warning} if warning else {}))
-                    stored += 1
+                    outcome = self._record(outgoing, destination, TRANSIENT, f"{type(error).__name__}: {error}",
+                                           answered=False)
                 else:
-                    known = f" ({TRANSIENT_STATUSES[code]})" if code in TRANSIENT_STATUSES else ""
-                    reason = "no response (association lost)" if code is None else f"C-STORE status 0x{code:04X}{known}{comment}"
-                    self._failed(outgoing, destination, reason, outcome)
-                    if code is not None:  # the destination answered: a transfer that failed
-                        self._audit(outgoing, destination, stored=False, detail=reason)
-                    refused += outcome == PERMANENT
+                    code = getattr(status, "Status", None)
+                    comment = f": {text}" if (text := self._error_comment(status, outgoing)) else ""
+                    if status_class(code) == WARNING:
+                        reason = f"stored with warning status 0x{code:04X}{comment}"
+                    elif code is None:
+                        reason = "no response (association lost)"
+                    else:
+                        known = f" ({TRANSIENT_STATUSES[code]})" if code in TRANSIENT_STATUSES else ""
+                        reason = f"C-STORE status 0x{code:04X}{known}{comment}"
+                    outcome = self._record(outgoing, destination, status_class(code), reason, answered=code is not None)
+                stored, refused = stored + outcome[0], refused + outcome[1]
                 if not assoc.is_established:
                     break
         finally:
             if assoc.is_established:
                 assoc.release()
+        return stored, refused
+
+    def _stow_batch(self, destination: Destination, batch: list[Outgoing]) -> tuple[int, int]:
+        """(stored, permanently refused) of `batch`, one STOW-RS request per result (a refusal names
+        its own result); a transient failure leaves the rest for the next pass."""
+        web = dicomweb_sender.client(destination.dicomweb, self.config.network_timeout)
+        stored = refused = 0
+        for outgoing in batch:
+            if (held := self._held(outgoing, destination)) is None:
+                refused += 1
+                continue
+            data = held.read_bytes() if isinstance(held, Path) else held.read()
+            outcome, reason, answered = dicomweb_sender.stow(web, data, outgoing.sop_uid)
+            result = self._record(outgoing, destination, outcome, reason, answered=answered)
+            stored, refused = stored + result[0], refused + result[1]
+            if outcome == TRANSIENT:  # the server is down or busy: the others wait for the backoff too
+                for waiting in batch[batch.index(outgoing) + 1:]:
+                    self._failed(waiting, destination, reason)
+                break
         return stored, refused

@@ -1,6 +1,7 @@
 """Real parts for integration tests: an Orthanc process, a cxr-node process, DCMTK senders."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -57,11 +58,14 @@ class Orthanc:
     DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
 
     def __init__(self, folder: Path, aet: str = "ORTHANC", dicom_port: int | None = None, dicomweb: bool = False,
-                 tls: dict | None = None, query_retrieve: bool = False):
+                 tls: dict | None = None, query_retrieve: bool = False, users: dict | None = None,
+                 dicomweb_servers: dict | None = None):
         """`tls`: {"certificate", "private_key", "trusted"} PEM paths: DICOM TLS only, client certificates
-        from `trusted` required. `query_retrieve`: answer C-FIND and C-GET from any AE."""
+        from `trusted` required. `query_retrieve`: answer C-FIND and C-GET from any AE. `users`: {name:
+        password} for HTTP basic authentication on its REST and DICOMweb API (the tests' own REST calls use
+        the first). `dicomweb_servers`: {name: [url, user, password]} its STOW-RS client may send to."""
         self.folder, self.aet, self.dicomweb, self.tls = Path(folder), aet, dicomweb, tls
-        self.query_retrieve = query_retrieve
+        self.query_retrieve, self.users, self.dicomweb_servers = query_retrieve, users or {}, dicomweb_servers or {}
         self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
         self.process = None
 
@@ -74,6 +78,10 @@ class Orthanc:
                   "Plugins": [self.DICOMWEB_PLUGIN] if self.dicomweb else [],
                   "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
                   "DicomAlwaysAllowFind": self.query_retrieve, "DicomAlwaysAllowGet": self.query_retrieve}
+        if self.users:
+            config.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
+        if self.dicomweb_servers:
+            config["DicomWeb"]["Servers"] = self.dicomweb_servers
         if self.tls:
             config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": self.tls["certificate"],
                            "DicomTlsPrivateKey": self.tls["private_key"],
@@ -94,10 +102,18 @@ class Orthanc:
         if self.process:
             stop_process(self.process)
 
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+    def request(self, path: str, data: bytes | None = None):
+        """GET (or POST `data`) on its REST API, as its first user when it has users; JSON decoded."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def get(self, path: str):
+        return self.request(path)
 
     def instances(self, modality: str | None = None) -> list[dict]:
         """Every instance with its tags, optionally only one modality."""
@@ -143,9 +159,11 @@ class Node:
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         for name, orthanc, *options in self.destinations:  # options: {key: value} of the destination
-            lines += ["[[destinations]]", f'name = "{name}"', f'ae_title = "{orthanc.aet}"', 'host = "127.0.0.1"',
-                      f"port = {orthanc.dicom_port}"]
-            lines += [f"{key} = {json.dumps(value)}" for key, value in (options[0] if options else {}).items()]
+            options = options[0] if options else {}
+            lines += ["[[destinations]]", f'name = "{name}"']
+            if "url" not in options:  # a DIMSE destination (a DICOMweb one has a url instead)
+                lines += [f'ae_title = "{orthanc.aet}"', 'host = "127.0.0.1"', f"port = {orthanc.dicom_port}"]
+            lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
 

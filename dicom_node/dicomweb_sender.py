@@ -1,0 +1,73 @@
+"""STOW-RS to a DICOMweb destination (PS3.18 10.5) with dicomweb-client, each answer mapped onto the
+outcome classes of the C-STORE path (sender.py), so a result is never dropped:
+- 200: stored; 202 naming the instance in FailedSOPSequence: its Failure Reason read as a C-STORE status
+  (0xA7xx out of resources: try again; 0xA9xx, 0xCxxx: permanent), a Warning Reason: stored with warning;
+- 409 and the other 4xx (401 and 403, wrong or missing credentials, among them): permanent, with the reason;
+- 5xx, 408, 429, timeouts and connection errors: transient, tried again with backoff."""
+from __future__ import annotations
+
+import io
+import json
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from dicom_node.config import DicomWebTarget
+from dicom_node.outcomes import PERMANENT, STORED, TRANSIENT, WARNING, status_class
+
+TRANSIENT_HTTP = {408, 429}
+
+
+def client(target: DicomWebTarget, timeout: float) -> DICOMwebClient:
+    """A client with the destination's credentials (basic or bearer) and CA; retries are the node's own."""
+    session = requests.Session()
+    if target.username:
+        session.auth = (target.username, target.password)
+    elif target.token:
+        session.headers["Authorization"] = f"Bearer {target.token}"
+    session.verify = str(target.ca_certificates) if target.ca_certificates else True
+    web = DICOMwebClient(target.url, session=session, timeout=timeout)
+    web.set_http_retry_params(retry=False)
+    return web
+
+
+def _http_reason(response: requests.Response) -> str:
+    """'HTTP 409 Conflict: <the server's message>' on one line, without the body's bulk."""
+    try:
+        body = response.json()
+        detail = (body.get("Message") or body.get("Details") or json.dumps(body)) if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    detail = " ".join(str(detail).split())[:200]
+    return f"STOW-RS HTTP {response.status_code} {response.reason}" + (f": {detail}" if detail else "")
+
+
+def stow(web: DICOMwebClient, data: bytes, sop_uid: str) -> tuple[str, str, bool]:
+    """Store one result: (outcome, the reason or warning, whether the server answered)."""
+    try:
+        answer = web.store_instances([pydicom.dcmread(io.BytesIO(data))])
+    except requests.HTTPError as error:
+        code = error.response.status_code
+        return (TRANSIENT if code >= 500 or code in TRANSIENT_HTTP else PERMANENT), _http_reason(error.response), True
+    except (requests.ConnectionError, requests.Timeout) as error:
+        return TRANSIENT, f"STOW-RS {type(error).__name__}: {' '.join(str(error).split())[:200]}", False
+    for item in answer.get("FailedSOPSequence", []):
+        if item.get("ReferencedSOPInstanceUID") == sop_uid:
+            code = int(item.get("FailureReason", 0xC000))
+            return status_class(code), f"STOW-RS failure reason 0x{code:04X}", True
+    for item in answer.get("ReferencedSOPSequence", []):
+        if item.get("ReferencedSOPInstanceUID") == sop_uid and item.get("WarningReason") is not None:
+            return WARNING, f"stored with STOW-RS warning reason 0x{int(item.WarningReason):04X}", True
+    return STORED, "", True
+
+
+def check(target: DicomWebTarget, timeout: float) -> tuple[bool, str]:
+    """What `cxr-node echo` says of a DICOMweb destination: a QIDO-RS query for one study."""
+    try:
+        client(target, timeout).search_for_studies(limit=1)
+    except requests.HTTPError as error:
+        return False, _http_reason(error.response).replace("STOW-RS", "QIDO-RS")
+    except (requests.ConnectionError, requests.Timeout) as error:
+        return False, f"QIDO-RS {type(error).__name__}"
+    return True, "QIDO-RS 200"
