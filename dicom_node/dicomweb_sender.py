@@ -43,12 +43,24 @@ def _http_reason(response: requests.Response) -> str:
     return f"STOW-RS HTTP {response.status_code} {response.reason}" + (f": {detail}" if detail else "")
 
 
+def _failure_reason(response: requests.Response, sop_uid: str) -> int | None:
+    """The Failure Reason a 409 answer's FailedSOPSequence gives the instance, if it gives one."""
+    try:
+        answer = pydicom.Dataset.from_json(response.json())
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return next((int(item.FailureReason) for item in answer.get("FailedSOPSequence", [])
+                 if item.get("ReferencedSOPInstanceUID") == sop_uid and "FailureReason" in item), None)
+
+
 def stow(web: DICOMwebClient, data: bytes, sop_uid: str) -> tuple[str, str, bool]:
     """Store one result: (outcome, the reason or warning, whether the server answered)."""
     try:
         answer = web.store_instances([pydicom.dcmread(io.BytesIO(data))])
     except requests.HTTPError as error:
         code = error.response.status_code
+        if code == 409 and (failed := _failure_reason(error.response, sop_uid)) is not None:  # none stored
+            return status_class(failed), f"STOW-RS HTTP 409, failure reason 0x{failed:04X}", True
         return (TRANSIENT if code >= 500 or code in TRANSIENT_HTTP else PERMANENT), _http_reason(error.response), True
     except (requests.ConnectionError, requests.Timeout) as error:
         return TRANSIENT, f"STOW-RS {type(error).__name__}: {' '.join(str(error).split())[:200]}", False
