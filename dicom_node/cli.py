@@ -48,14 +48,15 @@ def cmd_status(args) -> int:
 
 def cmd_history(args) -> int:
     """A patient's films on this node and what was measured on each, in the order they were taken."""
-    from dicom_node.history import patient_key
+    from dicom_node.history import history_key, patient_key
     from dicom_node.queue import open_queue
 
     config = _config(args)
-    if config.queue_backend == "sqlite" and not (config.state_dir / "queue.sqlite3").exists():
-        print(f"cxr-node history: no queue in {config.state_dir}", file=sys.stderr)
+    secret = history_key(config.history_key_file, create=False)
+    if secret is None or config.queue_backend == "sqlite" and not (config.state_dir / "queue.sqlite3").exists():
+        print(f"cxr-node history: no history here (no {config.history_key_file} or queue)", file=sys.stderr)
         return 1
-    films = open_queue(config).films(patient_key(args.patient, args.issuer))
+    films = open_queue(config).films(patient_key(secret, args.patient, args.issuer))
     if not films:
         print("cxr-node history: no films of this patient on this node", file=sys.stderr)
         return 1

@@ -95,6 +95,7 @@ class Config:
     retry_max_seconds: float
     retention_days: float
     history_days: float
+    history_key_file: Path
     health_bind: str
     health_port: int
     log_level: str
@@ -202,6 +203,7 @@ class _Retry(_Section):
 class _Retention(_Section):
     days: float = Field(ge=0)
     history_days: float = Field(ge=0)
+    history_key_file: str
 
 
 class _Health(_Section):
@@ -411,6 +413,8 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         destinations=tuple(destinations), retry_initial_seconds=settings.retry.initial_seconds,
         retry_max_seconds=settings.retry.max_seconds, retention_days=settings.retention.days,
         history_days=settings.retention.history_days,
+        history_key_file=(base_dir / settings.retention.history_key_file).resolve() if settings.retention.history_key_file
+        else state_dir / "history.key",
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
         audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
         queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds,

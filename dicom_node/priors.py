@@ -6,7 +6,7 @@ Cheaper than fetching and analysing the prior images, and the figures are those 
 failure (PACS down, refusal, an SR it cannot read) leaves the film without a comparison, never fails it."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import highdicom as hd
 import pydicom
@@ -70,17 +70,18 @@ def film_from_report(report: pydicom.Dataset, patient_key: str) -> Film | None:
         if report.get("ContributingEquipmentSequence") else ""
     if source is None or not version:
         return None
-    return Film(patient_key, film_time(study_time), source, report.StudyInstanceUID, report.SOPInstanceUID,
+    return Film(patient_key, *film_time(study_time), source, report.StudyInstanceUID, report.SOPInstanceUID,
                 report.SeriesInstanceUID, version,
                 {"opacity_pct": both, "right_pct": right, "left_pct": left, "zone_pct": None, "brixia": None,
                  "brixia_global": round(float(brixia[0].value)) if brixia else None})
 
 
 def films_from_pacs(config: Config, patient_key: str, patient_id: str, issuer: str, before: float) -> list[Film]:
-    """The patient's earlier films as this node's SRs in the PACS tell them; [] on any failure (logged)."""
+    """The patient's earlier films as this node's SRs in the PACS tell them; [] on any failure (logged).
+    `before`: the film's wall clock (history.film_time)."""
     pacs = next(d for d in config.destinations if d.name == config.priors_pacs)
     try:
-        series = report_series(config, pacs, patient_id, datetime.fromtimestamp(before))
+        series = report_series(config, pacs, patient_id, datetime.fromtimestamp(before, timezone.utc))
         reports = fetch_reports(config, pacs, series) if series else []
     except Exception as error:  # the PACS down or refusing: no comparison, the analysis goes on
         log("priors query failed; no comparison with a prior film", 30, destination=pacs.name, error=str(error))

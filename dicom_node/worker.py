@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import io
 import threading
@@ -12,7 +13,7 @@ import pydicom
 
 from dicom_node import filter as chest_filter
 from dicom_node.config import Config
-from dicom_node.history import Change, Film, compare, figures, film_time, patient_key
+from dicom_node.history import Change, Film, compare, figures, film_time, history_key, patient_key
 from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
@@ -93,8 +94,8 @@ class Worker:
             outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received, change)))
         if self.config.presentation_state:
             outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received, change)))
-        key = patient_key(ds.get("PatientID", ""), ds.get("IssuerOfPatientID", ""))
-        film = Film(key, film_time(ds), uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
+        key = patient_key(self.history_key, ds.get("PatientID", ""), ds.get("IssuerOfPatientID", ""))
+        film = Film(key, *film_time(ds), uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
                     self.algorithm.model_version, figures(seg)) if key else None
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
@@ -106,20 +107,32 @@ class Worker:
             **({"note": note} if note else {}))
         return State.DONE
 
+    @functools.cached_property
+    def history_key(self) -> bytes:
+        return history_key(self.config.history_key_file, create=True)
+
     def _change_since_prior(self, ds: pydicom.Dataset, seg) -> Change | None:
         """The change since the patient's latest film taken before this one, measured by the same model
         version: from the node's history, else (`[priors] pacs`) from its earlier SRs in the PACS, which
-        join the history; None without a patient, a time, a prior, or measured change limits."""
+        join the history; None without a patient, a readable time, a prior, or measured change limits."""
         patient_id, issuer = str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))
-        key, taken_at, version = patient_key(patient_id, issuer), film_time(ds), self.algorithm.model_version
-        if key is None or taken_at is None or self.algorithm.change_limits is None:
+        key, (taken_at, time_known) = patient_key(self.history_key, patient_id, issuer), film_time(ds)
+        if key is None or self.algorithm.change_limits is None:
             return None
-        prior = self.queue.prior_film(key, taken_at, version, ds.SOPInstanceUID)
-        if prior is None and self.config.priors_pacs:
+        if taken_at is None:
+            log("no comparison with a prior film: no readable acquisition, content or study date", 30,
+                uid=ds.SOPInstanceUID)
+            return None
+        version = self.algorithm.model_version
+
+        def prior() -> Film | None:
+            return self.queue.prior_film(key, taken_at, time_known, version, ds.SOPInstanceUID)
+        found = prior()
+        if found is None and self.config.priors_pacs:
             fetched = films_from_pacs(self.config, key, patient_id, issuer, taken_at)
             self.queue.remember_films([f for f in fetched if f.source_uid != ds.SOPInstanceUID])
-            prior = self.queue.prior_film(key, taken_at, version, ds.SOPInstanceUID)
-        return compare(seg, prior, self.algorithm.change_limits) if prior else None
+            found = prior()
+        return compare(seg, found, self.algorithm.change_limits, taken_at) if found else None
 
     def _skip(self, uid: str, decision: chest_filter.Decision) -> State:
         self.queue.skip(uid, decision.reason, decision.decided_by)

@@ -3,6 +3,8 @@ that compares a film with the patient's latest earlier one in its SR (read back 
 by dciodvfy), takes a late older film without rewriting newer results, and lists a patient's films."""
 from __future__ import annotations
 
+import calendar
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from dicom_node.history import Film, patient_key
+from dicom_node.history import Film, film_time, history_key, patient_key
 from dicom_node.outputs.codes import (BRIXIA_GLOBAL_SCORE, OPACITY_CHANGE, OPACITY_PERCENT, OPACITY_PERCENT_CHANGE,
                                       PRIOR_OPACITY_PERCENT)
 from model.infer import read_manifest
@@ -23,29 +25,61 @@ NCCID = "nhsx-nccid/1.3.6.1.4.1.11129.5.5.11050364559275649246316982105025258226
 OTHER = "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
-def film_row(key: str, uid: str, day: int, version: str = "3.0.0", opacity: float = 10.0) -> Film:
-    return Film(key, time.mktime((2020, 3, day, 10, 0, 0, 0, 0, -1)), uid, f"study-{uid}", f"sr-{uid}", f"series-{uid}",
-                version, {"opacity_pct": opacity, "brixia_global": 4})
+SECRET = b"site secret"
+
+
+def film_row(key: str, uid: str, day: int, version: str = "3.0.0", opacity: float = 10.0,
+             time_known: bool = True) -> Film:
+    at = calendar.timegm((2020, 3, day, 10 if time_known else 0, 0, 0))
+    return Film(key, at, time_known, uid, f"study-{uid}", f"sr-{uid}", f"series-{uid}", version,
+                {"opacity_pct": opacity, "brixia_global": 4})
 
 
 def test_the_prior_is_the_latest_film_taken_before_by_the_same_model_and_the_history_is_purged(make_queue, tmp_path):
     queue = make_queue()
-    key, other_patient = patient_key("P1", "HOSP"), patient_key("P1", "OTHER HOSPITAL")
-    assert key != other_patient and patient_key("") is None
-    for uid, day, version, patient in (("1.1", 10, "3.0.0", key), ("1.2", 12, "3.0.0", key), ("1.3", 13, "2.1.0", key),
-                                       ("1.4", 13, "3.0.0", other_patient)):
+    key, other_patient = patient_key(SECRET, "P1", "HOSP"), patient_key(SECRET, "P1", "OTHER HOSPITAL")
+    assert key != other_patient and patient_key(SECRET, "") is None
+    for uid, day, version, patient, timed in (("1.1", 10, "3.0.0", key, True), ("1.2", 12, "3.0.0", key, True),
+                                              ("1.3", 13, "2.1.0", key, True), ("1.4", 13, "3.0.0", other_patient, True),
+                                              ("1.5", 14, "3.0.0", key, False)):
         assert received(queue, tmp_path, uid, study=uid)
         queue.promote_stable(0)
-        queue.complete(queue.claim_next(), [], [], "tags", 1.0, film=film_row(patient, uid, day, version))
-    at = film_row(key, "1.9", 14)
-    assert queue.prior_film(key, at.taken_at, "3.0.0", "1.9").source_uid == "1.2"  # not 1.3 (2.1.0) nor 1.4
-    assert queue.prior_film(key, film_row(key, "1.0", 11).taken_at, "3.0.0", "1.0").source_uid == "1.1"
-    assert queue.prior_film(key, film_row(key, "1.0", 10).taken_at, "3.0.0", "1.0") is None  # strictly before
-    assert [f.source_uid for f in queue.films(key)] == ["1.1", "1.2", "1.3"]
+        queue.complete(queue.claim_next(), [], [], "tags", 1.0, film=film_row(patient, uid, day, version, time_known=timed))
+
+    def prior(day: int, timed: bool = True) -> str | None:
+        at = film_row(key, "1.9", day, time_known=timed)
+        found = queue.prior_film(key, at.taken_at, timed, "3.0.0", "1.9")
+        return found.source_uid if found else None
+    assert prior(13) == "1.2"  # not 1.3 (another model) nor 1.4 (another patient)
+    assert prior(11) == "1.1" and prior(10) is None  # strictly before
+    assert prior(14) == "1.2"  # 1.5 is of that day at an unknown time: before or after, nobody knows
+    assert prior(15, timed=False) == "1.5"  # a day later, time known or not
+    assert [f.source_uid for f in queue.films(key)] == ["1.1", "1.2", "1.3", "1.5"]
+    assert queue.films(key)[3].taken == "2020-03-14" and queue.films(key)[0].taken == "2020-03-10 10:00"
     assert queue.films(key)[0].figures == {"opacity_pct": 10.0, "brixia_global": 4}
     assert queue.purge_history(time.time() - 3600) == 0  # recorded just now: kept
-    assert queue.purge_history(time.time() + 1) == 4
+    assert queue.purge_history(time.time() + 1) == 5
     assert queue.films(key) == []
+
+
+def test_patient_keys_need_the_sites_secret_and_film_times_are_the_wall_clock_written_on_the_film(tmp_path):
+    secret = history_key(tmp_path / "history.key", create=True)
+    assert (tmp_path / "history.key").stat().st_mode & 0o777 == 0o600
+    assert history_key(tmp_path / "history.key", create=True) == secret  # made once
+    assert history_key(tmp_path / "other.key", create=False) is None
+    assert patient_key(secret, "12345", "HOSP") != patient_key(b"another site", "12345", "HOSP")
+    assert patient_key(secret, "12345", "HOSP") != hashlib.sha256(b"HOSP\x0012345").hexdigest()
+
+    def taken(**attributes) -> str:
+        ds = pydicom.Dataset()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        at, known = film_time(ds)
+        return Film("k", at, known, "1", "", "", "", "", {}).taken
+    assert taken(AcquisitionDateTime="20201101063000+0200") == "2020-11-01 06:30"  # as written: offsets ignored
+    assert taken(AcquisitionDate="2020-06-05", StudyDate="20200606", StudyTime="0700") == "2020-06-06 07:00"
+    assert taken(AcquisitionDate="20200610", AcquisitionTime="256199", StudyDate="20200610") == "2020-06-10"
+    assert taken(StudyDate="20201001") == "2020-10-01" and taken() == "?"
 
 
 def chest_film(dicom_dir: Path, source: str, folder: Path, day: str, patient: str = "HIST-0042") -> Path:
@@ -154,7 +188,7 @@ def test_the_presentation_state_and_the_secondary_capture_show_the_change(dicom_
     seg, algorithm = load_pipeline().segment(gray), algorithm_identity()
     prior = film_row("k", "1.2", 10)
     prior = Film(**{**prior.__dict__, "figures": dict(figures(seg), opacity_pct=seg.opacity_pct - 20)})
-    change = compare(seg, prior, algorithm.change_limits)
+    change = compare(seg, prior, algorithm.change_limits, prior.taken_at + 2 * 86400)
     assert change.direction == "increased" and change.sentence().startswith("Opacity +20 points since 2020-03-10")
     state = build_presentation_state(prepare_source(ds), seg, algorithm, datetime(2020, 3, 12), change)
     texts = [text.UnformattedTextValue for annotation in state.GraphicAnnotationSequence
@@ -209,5 +243,5 @@ def test_a_pacs_that_cannot_be_asked_leaves_the_film_without_a_comparison(tmp_pa
                     '[priors]\npacs = "pacs"\n[node]\nnetwork_timeout = 2\n')
     assert films_from_pacs(load_config(site, tmp_path), "key", "HIST-0042", "HOSP", time.time()) == []
     site.write_text('[priors]\npacs = "pacs"\n')  # no such destination: refused at start, named
-    with pytest.raises(ConfigError, match="priors.pacs: no destination named 'pacs'"):
+    with pytest.raises(ConfigError, match="priors.pacs: no DIMSE destination named 'pacs'"):
         load_config(site, tmp_path)

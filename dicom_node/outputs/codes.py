@@ -25,10 +25,11 @@ EXPECTED_OPACITY_PERCENT = Code("CXRN-4", PRIVATE_SCHEME, "Expected opacity perc
 SCORE_UNIT = Code("{score}", "UCUM", "score")
 # The change since the patient's prior film (dicom_node/history.py): no standard concepts for these either.
 PRIOR_OPACITY_PERCENT = Code("CXRN-5", PRIVATE_SCHEME, "Opacity percentage of lung area on prior film")
-OPACITY_PERCENT_CHANGE = Code("CXRN-6", PRIVATE_SCHEME, "Change in opacity percentage since prior film")
+OPACITY_PERCENT_CHANGE = Code("CXRN-6", PRIVATE_SCHEME, "Change in opacity percentage since prior film, in points")
 PRIOR_BRIXIA_GLOBAL_SCORE = Code("CXRN-7", PRIVATE_SCHEME, "Brixia global score on prior film")
 BRIXIA_GLOBAL_SCORE_CHANGE = Code("CXRN-8", PRIVATE_SCHEME, "Change in Brixia global score since prior film")
 OPACITY_REPEATABILITY_LIMIT = Code("CXRN-9", PRIVATE_SCHEME, "Repeatability limit of opacity percentage")
+BRIXIA_REPEATABILITY_LIMIT = Code("CXRN-12", PRIVATE_SCHEME, "Repeatability limit of Brixia global score")
 OPACITY_CHANGE = Code("CXRN-10", PRIVATE_SCHEME, "Opacity change since prior film")
 BEYOND_REPEATABILITY = Code("CXRN-11", PRIVATE_SCHEME, "Change beyond repeatability limit")
 # Its values: SNOMED CT change qualifiers; "no status change" where the change is within repeatability.

@@ -14,7 +14,7 @@ image, so viewers such as OHIF draw them and list their values):
    opacity % and Brixia score;
 4. when the patient has a prior film (dicom_node/history.py): the change since it, over the lung fields,
    its tracking identifier the change sentence ("Opacity +12 points since 2020-03-14, beyond repeatability
-   (9.4); Brixia +3"), with the prior's figures, the changes, the repeatability limit, the
+   (9.4); Brixia +3, beyond repeatability (1.6)"), with the prior's figures, the changes, the limits, the
    direction and whether it is beyond the limit; the prior's SR is in Pertinent Other Evidence.
 Every percentage's finding site (its own, else its group's) names the lung(s) it is a share of. Areas in
 mm² only when the source's pixel size in the patient is known, with the calibration stated. Containers
@@ -33,6 +33,7 @@ from pydicom.uid import ComprehensiveSRStorage
 from dicom_node.outputs import summary
 from dicom_node.history import Change
 from dicom_node.outputs.codes import (BEYOND_REPEATABILITY, BRIXIA_GLOBAL_SCORE, BRIXIA_GLOBAL_SCORE_CHANGE,
+                                      BRIXIA_REPEATABILITY_LIMIT,
                                       BRIXIA_ZONE_SCORE, CHANGE_DIRECTION, EXPECTED_OPACITY_PERCENT, LATERALITY, LUNG,
                                       ONE_LUNG, OPACITY, OPACITY_CHANGE, OPACITY_PERCENT, OPACITY_PERCENT_CHANGE,
                                       OPACITY_REPEATABILITY_LIMIT, PLAIN_CHEST_XRAY, PRIOR_BRIXIA_GLOBAL_SCORE,
@@ -115,7 +116,8 @@ class _ReportBuilder:
         if change.brixia_points is not None:
             measurements += [
                 hd.sr.Measurement(name=PRIOR_BRIXIA_GLOBAL_SCORE, value=prior["brixia_global"], unit=SCORE_UNIT),
-                hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE_CHANGE, value=change.brixia_points, unit=SCORE_UNIT)]
+                hd.sr.Measurement(name=BRIXIA_GLOBAL_SCORE_CHANGE, value=change.brixia_points, unit=SCORE_UNIT),
+                hd.sr.Measurement(name=BRIXIA_REPEATABILITY_LIMIT, value=change.limits.brixia_global, unit=SCORE_UNIT)]
         evaluations = [hd.sr.QualitativeEvaluation(OPACITY_CHANGE, CHANGE_DIRECTION[change.direction]),
                        hd.sr.QualitativeEvaluation(BEYOND_REPEATABILITY,
                                                    codes.SCT.Yes if change.opacity_beyond else codes.SCT.No)]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dicom_node.history import Film
+from dicom_node.history import DAY, Film
 from dicom_node.queue.jobs import NO_DESTINATION, Delivery, Job, Outgoing, State, from_row
 from dicom_node.spool import Spool
 
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (sop_uid, destination));
 CREATE INDEX IF NOT EXISTS results_state ON results(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS films (
-    source_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, taken_at DOUBLE PRECISION, study_uid TEXT NOT NULL,
+    source_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, taken_at DOUBLE PRECISION,
+    time_known INTEGER NOT NULL, study_uid TEXT NOT NULL,
     sr_uid TEXT NOT NULL, sr_series_uid TEXT NOT NULL, model_version TEXT NOT NULL, figures TEXT NOT NULL,
     recorded_at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS films_patient ON films(patient_key, taken_at);
@@ -217,12 +218,15 @@ class Queue:
         self._transaction(lambda db: [_record_film(db, film, now, replace=False) for film in films])
 
     # ------------------------------------------------------------ patient history
-    def prior_film(self, patient_key: str, taken_at: float, model_version: str, source_uid: str) -> Film | None:
+    def prior_film(self, patient_key: str, taken_at: float, time_known: bool, model_version: str,
+                   source_uid: str) -> Film | None:
         """The patient's latest film taken before `taken_at`, other than `source_uid`, measured by
-        `model_version`."""
-        rows = self._query("SELECT * FROM films WHERE patient_key = ? AND model_version = ? AND taken_at < ?"
-                           " AND source_uid != ? ORDER BY taken_at DESC LIMIT 1",
-                           (patient_key, model_version, taken_at, source_uid))
+        `model_version`; on the same day only when both films' times of day are known."""
+        day_start = taken_at // DAY * DAY
+        rows = self._query("SELECT * FROM films WHERE patient_key = ? AND model_version = ? AND source_uid != ?"
+                           " AND (taken_at < ? OR (taken_at < ? AND time_known = 1 AND ? = 1))"
+                           " ORDER BY taken_at DESC LIMIT 1",
+                           (patient_key, model_version, source_uid, day_start, taken_at, int(time_known)))
         return Film.from_row(rows[0]) if rows else None
 
     def films(self, patient_key: str) -> list[Film]:
