@@ -19,7 +19,7 @@ from dicom_node.config import Config, Destination
 from dicom_node.history import Film, film_time
 from dicom_node.logs import log
 from dicom_node.outputs.codes import BRIXIA_GLOBAL_SCORE, OPACITY_PERCENT
-from dicom_node.outputs.identity import RESULT_SERIES
+from dicom_node.kinds import RESULT_KINDS, Kind
 from dicom_node.sender import client_tls_context
 
 PENDING = (0xFF00, 0xFF01)
@@ -29,7 +29,8 @@ def report_series(config: Config, pacs: Destination, patient_id: str, before: da
     """C-FIND: this node's SR series of the patient in studies of the look-back window, newest first."""
     query = pydicom.Dataset()
     query.QueryRetrieveLevel = "SERIES"
-    query.PatientID, query.Modality, query.SeriesDescription = patient_id, "SR", RESULT_SERIES["SR"][1]
+    query.PatientID, query.Modality = patient_id, "SR"
+    query.SeriesDescription = RESULT_KINDS[Kind.SR].series_description
     query.StudyDate = f"{before - timedelta(days=config.priors_lookback_days):%Y%m%d}-{before:%Y%m%d}"
     query.StudyTime = query.StudyInstanceUID = query.SeriesInstanceUID = ""
     found = []

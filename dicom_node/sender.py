@@ -10,22 +10,19 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import (ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage,
-                                  SecondaryCaptureImageStorage, SegmentationStorage, Verification)
+from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, Destination
 from dicom_node import dicomweb_sender
+from dicom_node.kinds import RESULT_KINDS, Kind
 from dicom_node.logs import log
 from dicom_node.metrics import SEND_FAILURES, SENT
 from dicom_node.outcomes import PERMANENT, STORED, TRANSIENT, TRANSIENT_STATUSES, WARNING, status_class
 from dicom_node.queue import Outgoing, Queue, QueueUnavailable
 
-# The SR carries 2D image coordinates only, so it is Comprehensive SR, which more PACS store than
-# Comprehensive 3D SR; Enhanced SR cannot carry TID 1500's by-reference content and is not proposed.
-RESULT_SOP_CLASSES = (SegmentationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
-                      GrayscaleSoftcopyPresentationStateStorage)
+RESULT_SOP_CLASSES = tuple(kind.sop_class_uid for kind in RESULT_KINDS.values())
 RESULT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -125,7 +122,7 @@ class Sender:
             self.queue.mark_send_refused(outgoing.sop_uid, destination.name, error)
             log("send refused; kept as failed until `cxr-node retry`", 40, uid=outgoing.sop_uid, kind=outgoing.kind,
                 destination=destination.name, error=error)
-            if destination.sr_only_with_seg and outgoing.kind == "SEG":
+            if destination.sr_only_with_seg and outgoing.kind == Kind.SEG:
                 self.queue.refuse_held_reports(outgoing.source_sop_uid, destination.name,
                                                f"not sent: its SEG was refused ({error})")
             return

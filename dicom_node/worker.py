@@ -13,6 +13,7 @@ import pydicom
 
 from dicom_node import filter as chest_filter
 from dicom_node.config import Config
+from dicom_node.kinds import Kind
 from dicom_node.history import Change, Film, compare, figures, film_time, history_key, patient_key
 from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
@@ -88,12 +89,12 @@ class Worker:
         change = self._change_since_prior(ds, seg)
         segmentation = build_segmentation(source, seg, self.algorithm, received)
         report = build_report(source, segmentation, seg, self.algorithm, received, change)
-        outputs = [("SEG", segmentation), ("SR", report)]
+        outputs = [(Kind.SEG, segmentation), (Kind.SR, report)]
         if self.config.secondary_capture:
             shown = gray.max() + gray.min() - gray if seg.inverted else gray  # as the models read it
-            outputs.append(("SC", build_capture(source, shown, seg, self.algorithm, received, change)))
+            outputs.append((Kind.SC, build_capture(source, shown, seg, self.algorithm, received, change)))
         if self.config.presentation_state:
-            outputs.append(("PR", build_presentation_state(source, seg, self.algorithm, received, change)))
+            outputs.append((Kind.PR, build_presentation_state(source, seg, self.algorithm, received, change)))
         key = patient_key(self.history_key, ds.get("PatientID", ""), ds.get("IssuerOfPatientID", ""))
         film = Film(key, *film_time(ds), uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
                     self.algorithm.model_version, figures(seg)) if key else None

@@ -11,6 +11,7 @@ import pydicom
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
 from dicom_node.history import Change
+from dicom_node.kinds import Kind
 from dicom_node.outputs import summary
 from dicom_node.outputs.identity import Algorithm, finish_header, result_identity
 from dicom_node.outputs.segments import SEGMENTS
@@ -48,7 +49,7 @@ def build_capture(source: pydicom.Dataset, gray: np.ndarray, seg: Segmentation, 
                   started: datetime, change: Change | None = None) -> hd.sc.SCImage:
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=burn_in(gray, seg, change), photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", **result_identity(source, "SC", algorithm),
+        coordinate_system="PATIENT", **result_identity(source, Kind.SC, algorithm),
         patient_orientation=("L", "F"),  # highdicom insists on one; replaced by the source's below
         contributing_equipment=[algorithm.contributing_equipment(started)])
     capture.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C: copied, else empty
@@ -72,5 +73,5 @@ def build_capture(source: pydicom.Dataset, gray: np.ndarray, seg: Segmentation, 
     source_image = pydicom.Dataset()
     source_image.ReferencedSOPClassUID, source_image.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     capture.SourceImageSequence = [source_image]
-    finish_header(capture, source, "SC", started)
+    finish_header(capture, source, Kind.SC, started)
     return capture

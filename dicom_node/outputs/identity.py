@@ -14,15 +14,9 @@ from pydicom.sr.codedict import codes
 
 from dicom_node import __version__
 from dicom_node.history import ChangeLimits
+from dicom_node.kinds import RESULT_KINDS, Kind
 
 MANUFACTURER = "cxr-node"
-# One result series per (source series, kind, algorithm version): number and description.
-RESULT_SERIES = {
-    "SEG": (9901, "AI lung and opacity (cxr-node)"),
-    "SR": (9902, "AI opacity measurements (cxr-node)"),
-    "SC": (9903, "AI outlines (cxr-node) - not for primary diagnosis"),
-    "PR": (9904, "AI outlines and figures (cxr-node) - presentation state"),
-}
 # Patient and study attributes a result carries exactly as its source has them (Patient, General
 # Study and Patient Study modules), so a PACS files it with the right patient and order.
 PATIENT_AND_STUDY = (
@@ -79,17 +73,17 @@ class Algorithm:
             contribution_description="Lung and opacity segmentation (AI), not verified by a physician")
 
 
-def result_identity(source: pydicom.Dataset, kind: str, algorithm: Algorithm) -> dict:
+def result_identity(source: pydicom.Dataset, kind: Kind, algorithm: Algorithm) -> dict:
     """Series and instance identity of the `kind` result of `source`, as highdicom's keyword arguments:
     UIDs derived from the source's UIDs, the kind and the algorithm version."""
-    series_number, _ = RESULT_SERIES[kind]
+    series_number = RESULT_KINDS[kind].series_number
     return {"series_instance_uid": derived_uid(source.SeriesInstanceUID, kind, algorithm.version),
             "series_number": series_number,
             "sop_instance_uid": derived_uid(source.SOPInstanceUID, kind, algorithm.version),
             "instance_number": int(source.get("InstanceNumber") or 1), "manufacturer": MANUFACTURER}
 
 
-def finish_header(result: pydicom.Dataset, source: pydicom.Dataset, kind: str, started: datetime) -> None:
+def finish_header(result: pydicom.Dataset, source: pydicom.Dataset, kind: Kind, started: datetime) -> None:
     """What every result shares: the source's patient and study attributes, the series description,
     and content and instance creation date/time = `started`, the time the node received the source:
     a re-run of the same source (after a crash, or `cxr-node retry`) writes the same bytes under the
@@ -99,7 +93,7 @@ def finish_header(result: pydicom.Dataset, source: pydicom.Dataset, kind: str, s
             result[keyword] = copy.deepcopy(source[keyword])
     if "SpecificCharacterSet" in source and "SpecificCharacterSet" not in result:
         result.SpecificCharacterSet = source.SpecificCharacterSet
-    result.SeriesDescription = RESULT_SERIES[kind][1]
+    result.SeriesDescription = RESULT_KINDS[kind].series_description
     result.ContentDate, result.ContentTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S.%f")
     result.InstanceCreationDate, result.InstanceCreationTime = result.ContentDate, result.ContentTime
     for equipment in result.get("ContributingEquipmentSequence", []):  # highdicom's own item says "now"

@@ -10,6 +10,7 @@ import highdicom as hd
 import pydicom
 
 from dicom_node.history import Change
+from dicom_node.kinds import Kind
 from dicom_node.outputs import summary
 from dicom_node.outputs.capture import NOTICE
 from dicom_node.outputs.identity import Algorithm, finish_header, lo, result_identity
@@ -41,11 +42,11 @@ def build_presentation_state(source: pydicom.Dataset, seg: Segmentation, algorit
     layers.append(text_layer)
     annotations.append(hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=text_layer, text_objects=texts))
     state = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source], **result_identity(source, "PR", algorithm), manufacturer_model_name=lo(algorithm.name),
+        referenced_images=[source], **result_identity(source, Kind.PR, algorithm), manufacturer_model_name=lo(algorithm.name),
         software_versions=algorithm.software_versions, device_serial_number="0", content_label="AI_OPACITY",
         content_description=lo(f"{NOTICE}: outlines and figures"), graphic_annotations=annotations,
         graphic_layers=layers, contributing_equipment=[algorithm.contributing_equipment(started)])
-    finish_header(state, source, "PR", started)
+    finish_header(state, source, Kind.PR, started)
     # A presentation state has its creation date and time in place of content date and time.
     state.PresentationCreationDate, state.PresentationCreationTime = state.ContentDate, state.ContentTime
     del state.ContentDate, state.ContentTime

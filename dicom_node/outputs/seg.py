@@ -16,6 +16,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
+from dicom_node.kinds import Kind
 from dicom_node.outputs.codes import LATERALITY, LUNG
 from dicom_node.outputs.identity import Algorithm, derived_uid, finish_header, lo, result_identity
 from dicom_node.outputs.segments import SEGMENTS
@@ -64,7 +65,7 @@ def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Al
     pixel_grid_only.file_meta = source.file_meta
     result = hd.seg.Segmentation(
         source_images=[pixel_grid_only], pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, **result_identity(source, "SEG", algorithm),
+        segment_descriptions=descriptions, **result_identity(source, Kind.SEG, algorithm),
         manufacturer_model_name=lo(algorithm.name), software_versions=algorithm.software_versions,
         device_serial_number="0", content_label="LUNG_OPACITY", omit_empty_frames=False,
         content_description="AI lung and opacity segmentation - not for primary diagnosis",
@@ -83,5 +84,5 @@ def build_segmentation(source: pydicom.Dataset, seg: Segmentation, algorithm: Al
     result.DimensionOrganizationSequence[0].DimensionOrganizationUID = organisation_uid
     for index in result.DimensionIndexSequence:
         index.DimensionOrganizationUID = organisation_uid
-    finish_header(result, source, "SEG", started)
+    finish_header(result, source, Kind.SEG, started)
     return result

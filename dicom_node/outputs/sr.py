@@ -32,6 +32,7 @@ from pydicom.uid import ComprehensiveSRStorage
 
 from dicom_node.outputs import summary
 from dicom_node.history import Change
+from dicom_node.kinds import Kind
 from dicom_node.outputs.codes import (BEYOND_REPEATABILITY, BRIXIA_GLOBAL_SCORE, BRIXIA_GLOBAL_SCORE_CHANGE,
                                       BRIXIA_REPEATABILITY_LIMIT,
                                       BRIXIA_ZONE_SCORE, CHANGE_DIRECTION, EXPECTED_OPACITY_PERCENT, LATERALITY, LUNG,
@@ -216,11 +217,11 @@ def build_report(source: pydicom.Dataset, segmentation: pydicom.Dataset, seg: Se
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=_ReportBuilder(source, segmentation, seg, algorithm, change).groups())
     result = hd.sr.ComprehensiveSR(
-        evidence=[source, segmentation], content=report, **result_identity(source, "SR", algorithm),
+        evidence=[source, segmentation], content=report, **result_identity(source, Kind.SR, algorithm),
         is_complete=True, is_final=False, is_verified=False,  # IHE AI Results: UNVERIFIED
         contributing_equipment=[algorithm.contributing_equipment(started)])
     result.CodingSchemeIdentificationSequence = [private_scheme_identification()]
-    finish_header(result, source, "SR", started)
+    finish_header(result, source, Kind.SR, started)
     result.ContinuityOfContent = "SEPARATE"
     _separate_items(result.ContentSequence)
     if change:  # the prior's SR: evidence from outside the current requested procedure (PS3.3 C.17.2)

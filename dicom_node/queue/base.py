@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from dicom_node.history import DAY, Film
+from dicom_node.kinds import Kind
 from dicom_node.queue.jobs import NO_DESTINATION, Delivery, Job, Outgoing, State, from_row
 from dicom_node.spool import Spool
 
@@ -260,10 +261,10 @@ class Queue:
     def due_results(self, destination: str, limit: int = 50, sr_only_with_seg: bool = False) -> list[Outgoing]:
         """Pending results whose backoff has passed, SEG before SR of the same source; with
         `sr_only_with_seg`, an SR only once the SEG it references is stored at that destination."""
-        held = (" AND NOT (r.kind = 'SR' AND EXISTS (SELECT 1 FROM results s WHERE s.source_sop_uid = r.source_sop_uid"
-                " AND s.destination = r.destination AND s.kind = 'SEG' AND s.state != 'sent'))") if sr_only_with_seg else ""
+        held = (f" AND NOT (r.kind = '{Kind.SR}' AND EXISTS (SELECT 1 FROM results s WHERE s.source_sop_uid = r.source_sop_uid"
+                f" AND s.destination = r.destination AND s.kind = '{Kind.SEG}' AND s.state != 'sent'))") if sr_only_with_seg else ""
         rows = self._query("SELECT * FROM results r WHERE state = 'pending' AND destination = ? AND next_attempt_at <= ?"
-                           f"{held} ORDER BY created_at, kind = 'SR' LIMIT ?", (destination, time.time(), limit))
+                           f"{held} ORDER BY created_at, kind = '{Kind.SR}' LIMIT ?", (destination, time.time(), limit))
         return [from_row(Outgoing, row) for row in rows]
 
     def result_file(self, outgoing: Outgoing):
@@ -287,8 +288,8 @@ class Queue:
         """The pending SRs of a source whose SEG was refused at `destination` (sr_only_with_seg): failed too."""
         return self._transaction(lambda db: db.execute(
             "UPDATE results SET state = 'failed', last_error = ?, last_error_at = ?, next_attempt_at = NULL"
-            " WHERE source_sop_uid = ? AND destination = ? AND kind = 'SR' AND state = 'pending'",
-            (reason, time.time(), source_sop_uid, destination)).rowcount)
+            " WHERE source_sop_uid = ? AND destination = ? AND kind = ? AND state = 'pending'",
+            (reason, time.time(), source_sop_uid, destination, Kind.SR)).rowcount)
 
     def retry_failed_results(self, uid: str | None = None) -> int:
         """failed -> pending, due now: every refused result, or those of one result or source UID."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
+from dicom_node.kinds import Kind
+
 NO_DESTINATION = ""
 
 
@@ -68,7 +70,7 @@ class Outgoing:
     sop_uid: str
     destination: str
     source_sop_uid: str
-    kind: str
+    kind: Kind
     path: str
     state: Delivery
     attempts: int
@@ -79,4 +81,5 @@ class Outgoing:
     sent_at: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "state", Delivery(self.state))  # the column holds its value
+        object.__setattr__(self, "state", Delivery(self.state))  # the columns hold their values
+        object.__setattr__(self, "kind", Kind(self.kind))
