@@ -1,7 +1,8 @@
 """Prometheus metrics (served on /metrics by health.py); config/prometheus/cxr-node-alerts.yml alerts on them."""
 from prometheus_client import Counter, Gauge, Histogram
 
-RECEIVED = Counter("cxr_instances_received_total", "C-STORE requests answered, by outcome", ["outcome"])
+RECEIVED = Counter("cxr_instances_received_total", "Instances answered (C-STORE requests and STOW-RS parts), by outcome",
+                   ["outcome"])
 PROCESSED = Counter("cxr_instances_processed_total", "Instances finished by the worker, by state", ["state"])
 SENT = Counter("cxr_results_sent_total", "Result objects stored by a destination, by status class "
                "(stored: 0x0000, warning: 0x0001 or 0xBxxx)", ["destination", "status"])

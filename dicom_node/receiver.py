@@ -1,4 +1,5 @@
-"""pynetdicom AE: association policy, C-ECHO, and C-STORE into the durable spool.
+"""pynetdicom AE: association policy, C-ECHO, and C-STORE into the durable spool. `Receiver.store` holds the
+receive-time checks and the durable accept that the STOW-RS endpoint (dicom_node/stow.py) shares.
 
 An instance is acknowledged 0x0000 only once its bytes and its queue row are committed (the file
 fsynced and renamed into the spool with SQLite; bytes and row in one transaction with PostgreSQL).
@@ -12,6 +13,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from pathlib import Path
 
 import pydicom
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -31,14 +33,16 @@ from dicom_node.spool import Spool
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
                      JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless]
+STORAGE_SOP_CLASSES = frozenset(context.abstract_syntax for context in AllStoragePresentationContexts)
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
-def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str) -> tuple[int, str] | None:
+def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str, study_uid: str = "") -> tuple[int, str] | None:
     """A DIMSE error status and its reason when the data set contradicts its C-STORE request or
-    lacks what every result needs (valid Study and Series Instance UIDs); None when it can be kept."""
+    lacks what every result needs (valid Study and Series Instance UIDs), or belongs to another study
+    than `study_uid` (a STOW-RS request to /studies/{study}); None when it can be kept."""
     try:
         own_uid, own_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -55,6 +59,8 @@ def check_dataset(ds: pydicom.Dataset, sop_class: str, sop_uid: str) -> tuple[in
     for name, value in (("Study Instance UID", study), ("Series Instance UID", series)):
         if not UID(value).is_valid:
             return CANNOT_UNDERSTAND, f"{name} is not a valid UID (PS3.5 9.1)"
+    if study_uid and study != study_uid:  # PS3.18 10.5: "Study Instance UID mismatch"
+        return DOES_NOT_MATCH_SOP_CLASS, "Study Instance UID differs from the study of the request"
     return None
 
 
@@ -87,7 +93,8 @@ class Receiver:
 
     def handle_store(self, event) -> int | pydicom.Dataset:
         """The C-STORE answer: 0x0000, or a refusal with its reason as the Error Comment (0000,0902)."""
-        status, header, outcome = self._store(event)
+        status, header, outcome = self.store(event.dataset_path, str(event.request.AffectedSOPClassUID),
+                                             str(event.request.AffectedSOPInstanceUID or ""), event.assoc.requestor.ae_title)
         if self.audit:
             self.audit.instance_received(event.assoc.requestor.ae_title, event.assoc.requestor.address, header,
                                          str(event.request.AffectedSOPClassUID or ""),
@@ -98,10 +105,9 @@ class Receiver:
         answer.Status, answer.ErrorComment = status, outcome.removeprefix("refused: ")[:64]  # LO: 64 characters
         return answer
 
-    def _store(self, event) -> tuple[int, object, str]:
-        """(status, the data set's header or None, what happened)."""
-        calling = event.assoc.requestor.ae_title
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+    def store(self, received: Path, sop_class: str, uid: str, calling: str, study_uid: str = "") -> tuple[int, object, str]:
+        """Check and accept the data set streamed into `received` (in the spool's incoming folder) that its
+        request calls `sop_class` / `uid`: (status, the data set's header or None, what happened)."""
         free_mb = self.spool.free_mb()
         if free_mb < self.config.min_free_mb:
             RECEIVED.labels("out_of_resources").inc()
@@ -121,11 +127,10 @@ class Receiver:
             RECEIVED.labels("duplicate").inc()
             log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
             return 0x0000, None, "duplicate: already held"
-        received = event.dataset_path  # pynetdicom streamed the data set into the spool's incoming folder
         ds = None
         try:
             ds = pydicom.dcmread(received, stop_before_pixels=True)
-            problem = check_dataset(ds, str(event.request.AffectedSOPClassUID), uid)
+            problem = check_dataset(ds, sop_class, uid, study_uid)
         except Exception as error:  # pydicom raises various types for broken streams
             problem = CANNOT_UNDERSTAND, f"data set cannot be read: {str(error)[:200]}"
         if problem:
@@ -134,7 +139,7 @@ class Receiver:
             return problem[0], ds, "refused: " + problem[1]
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         try:
-            self.queue.accept(received, uid, study, series, str(event.request.AffectedSOPClassUID), calling)
+            self.queue.accept(received, uid, study, series, sop_class, calling)
         except OSError as error:  # disk full between the watermark check and the write
             RECEIVED.labels("out_of_resources").inc()
             log("refused: spool write failed", 40, uid=uid, calling_ae=calling, error=error.strerror)

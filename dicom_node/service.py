@@ -22,6 +22,7 @@ from dicom_node.receiver import Receiver
 from dicom_node.scheduler import add_loop, start_scheduler
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
+from dicom_node.stow import StowServer
 from dicom_node.history import ChangeLimits
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
@@ -115,8 +116,11 @@ def serve(config: Config, role: str = "all") -> int:
     for uid in poisoned:
         log("instance failed: its analysis ended the worker every time", 40, uid=uid, attempts=config.max_attempts)
     receiver = Receiver(config, queue, spool, audit) if role == "all" else None
+    stow = StowServer(config, receiver, audit) if receiver and config.dicomweb else None
     if receiver:  # before any other thread: a port in use ends the process (exit 2) with nothing left running
         receiver.start()
+    if stow:
+        stow.start()
     pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers),
                              batch_size=min(config.batch_size, config.workers))  # a batch fills from concurrent jobs
     algorithm = algorithm_identity()
@@ -138,6 +142,8 @@ def serve(config: Config, role: str = "all") -> int:
     scheduler = start_scheduler(config, queue, spool, liveness, None if cluster else sender)
     if receiver:
         add_loop(scheduler, liveness, "receiver", receiver.check, seconds=2)
+    if stow:
+        add_loop(scheduler, liveness, "stow-rs", stow.check, seconds=2)
     if receivers:
         add_loop(scheduler, liveness, "receiver-processes", receivers.restart_dead, seconds=2)
     add_loop(scheduler, None, "heartbeat", heartbeat, queue, process_id, liveness,  # watched in `status` instead
@@ -155,6 +161,8 @@ def serve(config: Config, role: str = "all") -> int:
         receivers.stop()
     if receiver:
         receiver.stop()
+    if stow:
+        stow.stop()
     scheduler.shutdown(wait=True)
     for thread in workers:
         thread.join(timeout=90)
@@ -180,7 +188,10 @@ def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail
     """Only the receiver (no models loaded): the `all` process's workers, or the cluster's, analyse
     what it takes."""
     receiver = Receiver(config, queue, spool, audit)
+    stow = StowServer(config, receiver, audit) if config.dicomweb else None
     receiver.start()
+    if stow:
+        stow.start()
     audit.application(started=True)
     process_id = join(queue, "receiver", config)
     parent = os.environ.get(FOLLOWED_PARENT)
@@ -192,6 +203,8 @@ def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail
         while not stop.wait(config.liveness_seconds / HEARTBEATS_PER_LIVENESS):
             try:
                 receiver.check()
+                if stow:
+                    stow.check()
                 loop.ok()
                 heartbeat(queue, process_id, liveness)
             except Exception as error:
@@ -203,6 +216,8 @@ def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail
     log("ready", role="receiver")
     stop.wait()
     receiver.stop()
+    if stow:
+        stow.stop()
     with contextlib.suppress(QueueUnavailable):
         queue.unregister(process_id)
     queue.close()
