@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_faults.py", "tests/test_bad_input.py", "tests/test_load.py", "tests/test_security.py",
-         "tests/test_scale_out.py"]
+         "tests/test_scale_out.py", "tests/test_stow.py", "tests/test_dicomweb_destinations.py"]
 COUNTS = ("sent", "accepted", "delivered", "lost", "duplicated")
 
 
@@ -73,11 +73,12 @@ after a crash (at-least-once delivery) is the same object and the PACS keeps one
                     ("all received (s)", "received_s"), ("all delivered (s)", "all_delivered_s"),
                     ("expected", "expected"), ("observed", "observed")])}
 
-## Bad input ({len(by["bad_input"])} cases, each followed by a good image)
+## Bad input ({len(by["bad_input"])} cases)
 
 Expected outcomes: a DIMSE status to the sender (`0xA900` data set does not match the SOP class, `0xC000`
 cannot understand), an association refusal, or the state the queue records (`cxr-node status --uid`) with
-the words its reason must contain.
+the words its reason must contain; over DICOMweb, the PS3.18 HTTP status and Failure Reason. Each DIMSE
+case is followed by a good image (Faults: all delivered).
 
 {table(by["bad_input"], [("input", "case"), ("expected", "expected"), ("observed", "observed"), ("", "result")])}
 

@@ -44,7 +44,7 @@ def test_seg_and_sr_are_stored_through_stow_rs_with_basic_authentication(dicom_d
         pacs.stop()
 
 
-def test_wrong_credentials_end_failed_with_the_reason_and_echo_says_so(film, tmp_path):
+def test_wrong_credentials_end_failed_with_the_reason_and_echo_says_so(film, tmp_path, record):
     pacs = Orthanc(tmp_path / "orthanc", dicomweb=True, users=USERS).start()
     node = Node(tmp_path / "node", destinations=[stow_destination(pacs, tmp_path / "secrets", "wrong")],
                 processing={"stable_seconds": 0}).start()
@@ -56,12 +56,14 @@ def test_wrong_credentials_end_failed_with_the_reason_and_echo_says_so(film, tmp
         reasons = [error["error"] for error in node.status()["last_errors"]]
         assert reasons and all("STOW-RS HTTP 401" in reason for reason in reasons), reasons
         assert pacs.instances() == []
+        record("bad_input", case="STOW-RS destination with a wrong password",
+               expected="results failed (permanent) with the HTTP 401 reason; echo fails", observed=reasons[0], ok=True)
     finally:
         node.stop()
         pacs.stop()
 
 
-def test_a_dicomweb_server_down_at_first_gets_the_results_once_it_is_up(film, tmp_path):
+def test_a_dicomweb_server_down_at_first_gets_the_results_once_it_is_up(film, tmp_path, record):
     pacs = Orthanc(tmp_path / "orthanc", dicomweb=True, users=USERS)  # ports chosen, not started yet
     node = Node(tmp_path / "node", destinations=[stow_destination(pacs, tmp_path / "secrets", USERS["cxr"])],
                 processing={"stable_seconds": 0}).start()
@@ -76,3 +78,7 @@ def test_a_dicomweb_server_down_at_first_gets_the_results_once_it_is_up(film, tm
     finally:
         node.stop()
         pacs.stop()
+    record("faults", case="STOW-RS destination (Orthanc DICOMweb, basic auth) down at first, started later",
+           expected="results pending while down (transient), all delivered after",
+           observed="2 pending with a ConnectionError while down; both stored once it was up",
+           sent=1, accepted=1, delivered=1, lost=0, duplicated=0)

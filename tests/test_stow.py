@@ -89,7 +89,7 @@ def held(node: Node) -> int:
     return sum(node.status()["instances"].values())
 
 
-def test_orthanc_sends_a_radiograph_by_stow_rs_and_gets_the_results_back(dicom_dir, tmp_path):
+def test_orthanc_sends_a_radiograph_by_stow_rs_and_gets_the_results_back(dicom_dir, tmp_path, record):
     users_file = tmp_path / "users"
     users_file.write_text(f"{USER}:{PASSWORD}\n")
     stow_port = free_port()  # Orthanc's STOW-RS client sends to the node, the node its results to Orthanc by C-STORE
@@ -115,6 +115,10 @@ def test_orthanc_sends_a_radiograph_by_stow_rs_and_gets_the_results_back(dicom_d
         node.stop()
         pacs.stop()
     assert '"event": "stopped"' in node.log() and "Traceback" not in node.log()
+    record("faults", case="Orthanc's STOW-RS client sends a radiograph to the node's STOW-RS endpoint (basic auth)",
+           expected="committed before the answer; SEG and SR back in Orthanc",
+           observed="queued as STOW-RS:modality before Orthanc had its answer; SEG and SR stored in Orthanc",
+           sent=1, accepted=1, delivered=1, lost=0, duplicated=0)
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +157,17 @@ def test_dicomweb_client_stores_over_https_with_basic_authentication(https_node,
 
 @pytest.mark.parametrize("authorization", [None, basic(USER, "wrong"), basic("nobody", PASSWORD), "Bearer wrong-token",
                                            "Basic not-base64!"])
-def test_missing_or_wrong_credentials_get_401_and_nothing_is_stored(https_node, trusting, images, authorization):
+def test_missing_or_wrong_credentials_get_401_and_nothing_is_stored(https_node, trusting, images, authorization,
+                                                                   record):
     before = held(https_node)
     status, headers, _ = post(https_node.url + "/studies", multipart(images[0].read_bytes()), authorization=authorization,
                               context=trusting)
     assert status == 401
     assert 'Basic realm="cxr-node"' in headers["www-authenticate"] and "Bearer" in headers["www-authenticate"]
     assert held(https_node) == before and https_node.instance(uid_of(images[0])) is None
+    record("bad_input", case=f"STOW-RS with {(authorization or 'no credentials').split(' ')[0].lower()} credentials "
+                             f"({'none' if authorization is None else 'wrong'})",
+           expected="HTTP 401 with WWW-Authenticate, nothing stored", observed=f"HTTP {status}, nothing stored", ok=True)
 
 
 def test_a_bearer_token_is_accepted_and_the_study_of_the_url_is_stored(https_node, trusting, images):
@@ -178,11 +186,13 @@ def test_a_bearer_token_is_accepted_and_the_study_of_the_url_is_stored(https_nod
     ("multipart/related", multipart(b"x"), 400),  # no boundary parameter
 ])
 def test_a_body_that_is_not_multipart_related_of_dicom_is_refused_whole(https_node, trusting, content_type, body,
-                                                                         expected):
+                                                                         expected, record):
     before = held(https_node)
     status, _, _ = post(https_node.url + "/studies", body, content_type, basic(USER, PASSWORD), trusting)
     assert status == expected
     assert held(https_node) == before
+    record("bad_input", case=f"STOW-RS body: {content_type.split(';')[0]}, {body[:24]!r}", expected=f"HTTP {expected}",
+           observed=f"HTTP {status}, nothing stored", ok=True)
 
 
 def verification_object(path: Path, folder: Path) -> bytes:
@@ -193,7 +203,8 @@ def verification_object(path: Path, folder: Path) -> bytes:
     return (folder / "verification.dcm").read_bytes()
 
 
-def test_parts_refused_for_their_reason_get_409_with_a_failed_sop_sequence(https_node, trusting, images, tmp_path):
+def test_parts_refused_for_their_reason_get_409_with_a_failed_sop_sequence(https_node, trusting, images, tmp_path,
+                                                                           record):
     """PS3.18 Table I.2-2 failure reasons: 0xC000 cannot understand, 0xA900 (Study Instance UID mismatch),
     0x0122 SOP class not supported; all parts refused: 409."""
     before = held(https_node)
@@ -205,6 +216,9 @@ def test_parts_refused_for_their_reason_get_409_with_a_failed_sop_sequence(https
         status, headers, answer = post(https_node.url + path, body, authorization=basic(USER, PASSWORD), context=trusting)
         assert (status, headers["content-type"], failures(answer)) == (409, "application/dicom+json", expected), path
         assert not stored(answer)
+        record("bad_input", case=f"STOW-RS part refused: {['not DICOM', 'text/plain part', 'study UID of another URL', 'Verification SOP class'][cases.index((path, body, expected))]}",
+               expected=f"HTTP 409, Failure Reason 0x{expected[0][1]:04X}",
+               observed=f"HTTP {status}, Failure Reason 0x{failures(answer)[0][1]:04X}", ok=True)
     assert held(https_node) == before
     assert not list((https_node.folder / "state" / "incoming").iterdir())  # no part left behind
 
