@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--patient", required=True, help="Patient ID (the history keeps only a hash of it)")
     history.add_argument("--issuer", default="", help="Issuer of Patient ID, if the films carry one")
     history.set_defaults(handler=cmd_history)
-    commands.add_parser("echo", parents=[config], help="C-ECHO this node and every destination (exit 1 if one fails)").set_defaults(handler=cmd_echo)
+    commands.add_parser("echo", parents=[config], help="C-ECHO this node and every DIMSE destination, QIDO-RS to every DICOMweb one (exit 1 if one fails)").set_defaults(handler=cmd_echo)
     retry = commands.add_parser("retry", parents=[config], help="queue failed instances and refused results again")
     retry.add_argument("--uid", help="only this SOP Instance UID: a source instance (and its refused results) or "
                                      "one result (default: everything failed)")

@@ -333,8 +333,13 @@ def _destination(entry: _Destination, key: str, base_dir: Path) -> Destination:
             raise ConfigError(f"{key}: either url (DICOMweb) or ae_title, host and port (DIMSE), not both")
         if urlparse(entry.url).scheme not in ("http", "https") or not urlparse(entry.url).netloc:
             raise ConfigError(f"{key}.url: an http(s) URL is needed, got {entry.url!r}")
+        if urlparse(entry.url).username or urlparse(entry.url).password:
+            raise ConfigError(f"{key}.url: no user or password in the URL (they would be printed and audited); "
+                              "use username and password_file")
         if entry.password_file and not entry.username:
             raise ConfigError(f"{key}.password_file: goes with username")
+        if entry.username and entry.token_file:
+            raise ConfigError(f"{key}: username and token_file exclude each other (basic or bearer)")
         target = DicomWebTarget(entry.url.rstrip("/"), entry.username,
                                 _secret(entry.password_file, f"{key}.password_file", base_dir),
                                 _secret(entry.token_file, f"{key}.token_file", base_dir), ca)

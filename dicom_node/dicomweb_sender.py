@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pydicom
 import requests
@@ -26,10 +27,23 @@ def client(target: DicomWebTarget, timeout: float) -> DICOMwebClient:
         session.auth = (target.username, target.password)
     elif target.token:
         session.headers["Authorization"] = f"Bearer {target.token}"
-    session.verify = str(target.ca_certificates) if target.ca_certificates else True
+    if target.ca_certificates:
+        session.verify = str(target.ca_certificates)
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA; keep the environment's proxies
+        session.proxies = requests.utils.get_environ_proxies(target.url)
+        session.trust_env = False
     web = DICOMwebClient(target.url, session=session, timeout=timeout)
     web.set_http_retry_params(retry=False)
     return web
+
+
+def _network_reason(error: Exception) -> str:
+    """The cause a connection error buries in its text, e.g. 'STOW-RS ConnectionError: [Errno 111]
+    Connection refused' or '... [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed
+    certificate in certificate chain'."""
+    text = " ".join(str(error).split())
+    cause = re.search(r"\[SSL: \w+\][^'\"()]*|\[Errno -?\d+\][^'\"()]*|Read timed out|timed out", text)
+    return f"{type(error).__name__}: {(cause.group(0) if cause else text[-160:]).strip(' .')}"
 
 
 def _http_reason(response: requests.Response) -> str:
@@ -63,7 +77,7 @@ def stow(web: DICOMwebClient, data: bytes, sop_uid: str) -> tuple[str, str, bool
             return status_class(failed), f"STOW-RS HTTP 409, failure reason 0x{failed:04X}", True
         return (TRANSIENT if code >= 500 or code in TRANSIENT_HTTP else PERMANENT), _http_reason(error.response), True
     except (requests.ConnectionError, requests.Timeout) as error:
-        return TRANSIENT, f"STOW-RS {type(error).__name__}: {' '.join(str(error).split())[:200]}", False
+        return TRANSIENT, f"STOW-RS {_network_reason(error)}", False
     for item in answer.get("FailedSOPSequence", []):
         if item.get("ReferencedSOPInstanceUID") == sop_uid:
             code = int(item.get("FailureReason", 0xC000))
@@ -81,5 +95,5 @@ def check(target: DicomWebTarget, timeout: float) -> tuple[bool, str]:
     except requests.HTTPError as error:
         return False, _http_reason(error.response).replace("STOW-RS", "QIDO-RS")
     except (requests.ConnectionError, requests.Timeout) as error:
-        return False, f"QIDO-RS {type(error).__name__}"
+        return False, f"QIDO-RS {_network_reason(error)}"
     return True, "QIDO-RS 200"

@@ -119,24 +119,24 @@ class Receiver:
             outcome = "refused: SOP Instance UID is not a valid UID (PS3.5 9.1)"
             log(outcome, 30, calling_ae=calling, uid=uid[:80])
             return CANNOT_UNDERSTAND, None, outcome
-        try:
-            known = self.queue.known(uid)
-        except QueueUnavailable as error:
-            return self._queue_failed(uid, calling, None, error)
-        if known:
-            RECEIVED.labels("duplicate").inc()
-            log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
-            return 0x0000, None, "duplicate: already held"
         ds = None
         try:
             ds = pydicom.dcmread(received, stop_before_pixels=True)
             problem = check_dataset(ds, sop_class, uid, study_uid)
         except Exception as error:  # pydicom raises various types for broken streams
             problem = CANNOT_UNDERSTAND, f"data set cannot be read: {str(error)[:200]}"
-        if problem:
+        if problem:  # checked before the duplicate test: a copy of a held instance is no excuse for a bad one
             RECEIVED.labels("invalid").inc()
             log("refused: " + problem[1], 30, uid=uid, calling_ae=calling, status=f"0x{problem[0]:04X}")
             return problem[0], ds, "refused: " + problem[1]
+        try:
+            known = self.queue.known(uid)
+        except QueueUnavailable as error:
+            return self._queue_failed(uid, calling, ds, error)
+        if known:
+            RECEIVED.labels("duplicate").inc()
+            log("duplicate acknowledged, not processed again", uid=uid, calling_ae=calling)
+            return 0x0000, ds, "duplicate: already held"
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         try:
             self.queue.accept(received, uid, study, series, sop_class, calling)

@@ -18,16 +18,18 @@ import socket
 import ssl
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
 import pydicom
 import uvicorn
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_file_meta_info
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -40,6 +42,7 @@ from dicom_node.receiver import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORAGE_SO
 
 BASE = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
+UNDEFINED_LENGTH = 0xFFFFFFFF
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.18 Table I.2-2 failure reasons, besides the C-STORE statuses
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
@@ -83,6 +86,26 @@ def file_meta(path: Path) -> pydicom.dataset.FileMetaDataset | None:
         return None
 
 
+def cut_off(path: Path) -> str | None:
+    """What shows a PS3.10 file to be cut short (an element shorter than its length, an encapsulated
+    Pixel Data without its end), None when it is whole. C-STORE gets whole data sets from its PDUs; an
+    HTTP part can end anywhere, and a cut copy accepted would shadow the whole one sent after it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as error:  # pydicom raises various types for broken streams
+            return f"cannot be read: {str(error)[:120]}"
+    if any("End of file reached" in str(warning.message) for warning in caught):
+        return "the file ends before its last element does"
+    for tag in list(ds.keys()):
+        raw = ds._dict[tag]  # still as read: value and stated length side by side
+        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None \
+                and len(raw.value) < raw.length:
+            return f"element {tag} holds {len(raw.value)} of its {raw.length} bytes"
+    return None
+
+
 def store_answer(results: list[PartResult]) -> tuple[int, dict]:
     """The HTTP status and the Store Instances Response Module (PS3.18 Annex I) as DICOM JSON."""
     answer = pydicom.Dataset()
@@ -122,7 +145,11 @@ class StowServer:
             async for _ in request.stream():  # read and drop the body: a client still sending it would see a reset
                 pass
             return PlainTextResponse("authentication required\n", 401, headers=self._challenge())
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # the sender gave up mid-upload: nothing of it is kept, nobody to answer
+            log("STOW-RS request ended by the client before its body was complete", 30, address=address)
+            return Response(status_code=400)
         source = f"STOW-RS:{user}" if user else "STOW-RS"
         study = request.path_params.get("study", "")
         try:
@@ -189,6 +216,9 @@ class StowServer:
             if transfer_syntax not in TRANSFER_SYNTAXES:
                 return sop_class, uid, self._refused("invalid", TRANSFER_SYNTAX_NOT_SUPPORTED,
                                                      f"transfer syntax {transfer_syntax[:64]} not supported", source, uid)
+            if short := cut_off(received):
+                return sop_class, uid, self._refused("invalid", CANNOT_UNDERSTAND, f"the file is cut off: {short}",
+                                                     source, uid)
             return sop_class, uid, self.receiver.store(received, sop_class, uid, source, study)
         finally:
             received.unlink(missing_ok=True)  # an accepted file was moved into the spool or the database already

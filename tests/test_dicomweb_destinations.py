@@ -82,3 +82,18 @@ def test_a_dicomweb_server_down_at_first_gets_the_results_once_it_is_up(film, tm
            expected="results pending while down (transient), all delivered after",
            observed="2 pending with a ConnectionError while down; both stored once it was up",
            sent=1, accepted=1, delivered=1, lost=0, duplicated=0)
+
+
+@pytest.mark.parametrize("entry, refusal", [
+    ('url = "http://cxr:secret@127.0.0.1:8042/dicom-web"', "no user or password in the URL"),
+    ('url = "http://127.0.0.1:8042/dicom-web"\nusername = "cxr"\ntoken_file = "token"', "exclude each other"),
+    ('url = "http://127.0.0.1:8042/dicom-web"\nae_title = "PACS"', "not both"),
+])
+def test_a_dicomweb_destination_is_refused_at_start_when_its_settings_contradict(tmp_path, entry, refusal):
+    from dicom_node.config import ConfigError, load_config
+
+    (tmp_path / "token").write_text("t0ken\n")
+    site = tmp_path / "node.toml"
+    site.write_text(f'[[destinations]]\nname = "web"\n{entry}\n')
+    with pytest.raises(ConfigError, match=refusal):
+        load_config(site, tmp_path)

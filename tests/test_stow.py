@@ -155,9 +155,11 @@ def test_dicomweb_client_stores_over_https_with_basic_authentication(https_node,
     assert https_node.instance(uid_of(images[0]))["state"] in ("received", "queued", "processing", "done")
 
 
-@pytest.mark.parametrize("authorization", [None, basic(USER, "wrong"), basic("nobody", PASSWORD), "Bearer wrong-token",
-                                           "Basic not-base64!"])
-def test_missing_or_wrong_credentials_get_401_and_nothing_is_stored(https_node, trusting, images, authorization,
+@pytest.mark.parametrize("what, authorization", [("no credentials", None), ("a wrong password", basic(USER, "wrong")),
+                                                 ("an unknown user", basic("nobody", PASSWORD)),
+                                                 ("a wrong bearer token", "Bearer wrong-token"),
+                                                 ("malformed basic credentials", "Basic not-base64!")])
+def test_missing_or_wrong_credentials_get_401_and_nothing_is_stored(https_node, trusting, images, what, authorization,
                                                                    record):
     before = held(https_node)
     status, headers, _ = post(https_node.url + "/studies", multipart(images[0].read_bytes()), authorization=authorization,
@@ -165,8 +167,7 @@ def test_missing_or_wrong_credentials_get_401_and_nothing_is_stored(https_node, 
     assert status == 401
     assert 'Basic realm="cxr-node"' in headers["www-authenticate"] and "Bearer" in headers["www-authenticate"]
     assert held(https_node) == before and https_node.instance(uid_of(images[0])) is None
-    record("bad_input", case=f"STOW-RS with {(authorization or 'no credentials').split(' ')[0].lower()} credentials "
-                             f"({'none' if authorization is None else 'wrong'})",
+    record("bad_input", case=f"STOW-RS with {what}",
            expected="HTTP 401 with WWW-Authenticate, nothing stored", observed=f"HTTP {status}, nothing stored", ok=True)
 
 
@@ -178,20 +179,22 @@ def test_a_bearer_token_is_accepted_and_the_study_of_the_url_is_stored(https_nod
     assert stored(answer) == [uid_of(images[0])] and not failures(answer)
 
 
-@pytest.mark.parametrize("content_type, body, expected", [
-    ("application/dicom", b"DICM", 415),  # a bare file: STOW-RS takes multipart/related only
-    (f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}', multipart(b"[]"), 415),  # metadata
-    (DICOM_PARTS, b"no boundary in here", 400),
-    (DICOM_PARTS, f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\ntruncated".encode(), 400),  # no closing
-    ("multipart/related", multipart(b"x"), 400),  # no boundary parameter
+@pytest.mark.parametrize("what, content_type, body, expected", [
+    ("a bare application/dicom body", "application/dicom", b"DICM", 415),  # STOW-RS takes multipart/related only
+    ("metadata parts (application/dicom+json)", f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+     multipart(b"[]"), 415),
+    ("a multipart body without its boundary", DICOM_PARTS, b"no boundary in here", 400),
+    ("a multipart body without its closing boundary", DICOM_PARTS,
+     f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\ntruncated".encode(), 400),
+    ("multipart/related without a boundary parameter", "multipart/related", multipart(b"x"), 400),
 ])
-def test_a_body_that_is_not_multipart_related_of_dicom_is_refused_whole(https_node, trusting, content_type, body,
+def test_a_body_that_is_not_multipart_related_of_dicom_is_refused_whole(https_node, trusting, what, content_type, body,
                                                                          expected, record):
     before = held(https_node)
     status, _, _ = post(https_node.url + "/studies", body, content_type, basic(USER, PASSWORD), trusting)
     assert status == expected
     assert held(https_node) == before
-    record("bad_input", case=f"STOW-RS body: {content_type.split(';')[0]}, {body[:24]!r}", expected=f"HTTP {expected}",
+    record("bad_input", case=f"STOW-RS: {what}", expected=f"HTTP {expected}",
            observed=f"HTTP {status}, nothing stored", ok=True)
 
 
@@ -253,3 +256,36 @@ def test_a_non_loopback_bind_without_tls_and_users_exits_2_naming_the_key(tmp_pa
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "dicomweb.bind" in result.stderr, result.stderr
+
+
+def test_a_cut_off_part_is_refused_and_the_whole_copy_sent_after_it_is_stored(https_node, trusting, images):
+    whole = images[0].read_bytes()
+    status, _, answer = post(https_node.url + "/studies", multipart(whole[:len(whole) // 2]),
+                             authorization=basic(USER, PASSWORD), context=trusting)
+    assert (status, failures(answer)) == (409, [(uid_of(images[0]), 0xC000)])
+    assert https_node.instance(uid_of(images[0])) is None
+    status, _, answer = post(https_node.url + "/studies", multipart(whole), authorization=basic(USER, PASSWORD),
+                             context=trusting)
+    assert status == 200 and stored(answer) == [uid_of(images[0])]
+    assert https_node.instance(uid_of(images[0])) is not None
+
+
+def test_a_held_instance_sent_again_under_another_study_is_refused(https_node, trusting, images):
+    status, _, _ = post(https_node.url + "/studies", multipart(images[1].read_bytes()),
+                        authorization=basic(USER, PASSWORD), context=trusting)
+    assert status == 200
+    status, _, answer = post(https_node.url + "/studies/1.2.826.0.1.3680043.2.1125.7", multipart(images[1].read_bytes()),
+                             authorization=basic(USER, PASSWORD), context=trusting)
+    assert (status, failures(answer)) == (409, [(uid_of(images[1]), 0xA900)])
+
+
+def test_a_destinations_own_ca_holds_whatever_the_environment_names(https_node, pki, monkeypatch):
+    """requests would let REQUESTS_CA_BUNDLE replace the CA a DICOMweb destination names."""
+    from dicom_node.config import DicomWebTarget
+    from dicom_node.dicomweb_sender import check
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())  # the public CAs: not the test CA
+    ok, message = check(DicomWebTarget(https_node.url, USER, PASSWORD, ca_certificates=pki / "ca.pem"), 10)
+    assert message.startswith("QIDO-RS HTTP") and "SSL" not in message  # TLS held; the endpoint serves no QIDO
+    ok, message = check(DicomWebTarget(https_node.url, USER, PASSWORD), 10)
+    assert not ok and "CERTIFICATE_VERIFY_FAILED" in message
