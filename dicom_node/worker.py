@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import errno
+import functools
 import io
 import threading
 import time
@@ -13,8 +13,8 @@ import pydicom
 
 from dicom_node import filter as chest_filter
 from dicom_node.config import Config
-from dicom_node.kinds import Kind
 from dicom_node.history import Change, Film, compare, figures, film_time, history_key, patient_key
+from dicom_node.kinds import Kind
 from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
