@@ -26,6 +26,7 @@ from dicom_node.stow import StowServer
 from dicom_node.history import ChangeLimits
 from dicom_node.systemd import notify
 from dicom_node.worker import Worker
+from model.batching import BatchingPipeline
 from model.infer import choose_providers, load_pipeline, read_manifest
 
 
@@ -121,12 +122,13 @@ def serve(config: Config, role: str = "all") -> int:
         receiver.start()
     if stow:
         stow.start()
-    pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers),
-                             batch_size=min(config.batch_size, config.workers))  # a batch fills from concurrent jobs
+    pipeline = load_pipeline(threads=config.onnx_threads, providers=list(config.providers))
+    batch_size = min(config.batch_size, config.workers)  # a batch fills from concurrent jobs
+    segmenter = BatchingPipeline(pipeline, batch_size) if batch_size > 1 else pipeline
     algorithm = algorithm_identity()
     audit.application(started=True)
     process_id = join(queue, role, config)
-    worker = Worker(config, queue, spool, pipeline, algorithm, process_id)
+    worker = Worker(config, queue, spool, segmenter, algorithm, process_id)
     sender = Sender(config, queue, audit)
     liveness = Liveness(config.liveness_seconds)
     if cluster:
@@ -166,6 +168,8 @@ def serve(config: Config, role: str = "all") -> int:
     scheduler.shutdown(wait=True)
     for thread in workers:
         thread.join(timeout=90)
+    if isinstance(segmenter, BatchingPipeline):
+        segmenter.close()
     if health:
         health.shutdown()
     with contextlib.suppress(QueueUnavailable):

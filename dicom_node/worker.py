@@ -28,7 +28,7 @@ from dicom_node.pixels import UnusableImage, dataset_gray
 from dicom_node.priors import films_from_pacs
 from dicom_node.queue import Job, Queue, QueueUnavailable, State
 from dicom_node.spool import Spool
-from model.infer import Pipeline
+from model.infer import Segmenter
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
@@ -40,7 +40,7 @@ def encode(ds: pydicom.Dataset) -> bytes:
 class Worker:
     """Stateless between jobs: worker threads (or the job engine's threads) share one."""
 
-    def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Pipeline,
+    def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Segmenter,
                  algorithm: Algorithm, process_id: str | None = None):
         self.config, self.queue, self.spool, self.pipeline, self.algorithm = config, queue, spool, pipeline, algorithm
         self.destinations = [destination.name for destination in config.destinations]

@@ -31,11 +31,15 @@ class BatchingPipeline:
         self.batch_sizes: list[int] = []  # of every batch run (the gain's evidence)
         self._pending: list[_Request] = []
         self._arrived = threading.Condition()
-        threading.Thread(target=self._run, name="batching", daemon=True).start()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
+        self._thread.start()
 
     def segment(self, gray: np.ndarray) -> Segmentation:
         request = _Request(gray)
         with self._arrived:
+            if self._closed:
+                raise RuntimeError("the batching pipeline is closed")
             self._pending.append(request)
             self._arrived.notify()
         request.done.wait()
@@ -43,16 +47,23 @@ class BatchingPipeline:
             raise request.error
         return request.result
 
-    def _next_batch(self) -> list[_Request]:
+    def close(self) -> None:
+        """Stop the batching thread once the calls already made are answered."""
         with self._arrived:
-            self._arrived.wait_for(lambda: self._pending)
+            self._closed = True
+            self._arrived.notify_all()
+        self._thread.join()
+
+    def _next_batch(self) -> list[_Request]:
+        """The next batch; [] once closed and nothing is pending."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._pending or self._closed)
             self._arrived.wait_for(lambda: len(self._pending) >= self.max_batch, self.wait_seconds)
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
+        while batch := self._next_batch():
             self.batch_sizes.append(len(batch))
             try:
                 for request, result in zip(batch, self.pipeline.segment_many([r.gray for r in batch])):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import cv2
 import numpy as np
@@ -18,7 +18,7 @@ from model.image import normalize_gray
 from model.lungs import LEFT, RIGHT, ZONE_NAMES, ZONES, crop_box, split_right_left, zone_map
 
 # The whole interface the node uses; lung labels and zone letters are part of what `segment` returns.
-__all__ = ["LEFT", "RIGHT", "ZONES", "ZONE_NAMES", "Segmentation", "Pipeline", "ModelInfo", "load_pipeline",
+__all__ = ["LEFT", "RIGHT", "ZONES", "ZONE_NAMES", "Segmentation", "Segmenter", "Pipeline", "ModelInfo", "load_pipeline",
            "read_manifest", "choose_providers"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -112,6 +112,13 @@ def working_image(gray: np.ndarray) -> np.ndarray:
         gray = cv2.resize(gray.astype(np.float32), (round(width * scale), round(height * scale)),
                           interpolation=cv2.INTER_AREA)
     return normalize_gray(gray)
+
+
+class Segmenter(Protocol):
+    """What the node calls: a radiograph in, its Segmentation out (Pipeline, batching.BatchingPipeline)."""
+    version: str
+
+    def segment(self, gray: np.ndarray) -> Segmentation: ...
 
 
 class Pipeline:
@@ -254,10 +261,9 @@ def onnx_runner(path: Path, threads: int = 2, providers: list[str] | None = None
     return run
 
 
-def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None,
-                  batch_size: int = 1) -> Pipeline:
-    """The shipped models on ONNX Runtime, after checking their sha256 against the manifest. With
-    `batch_size` > 1, segment() calls made at the same time share one run of each model (batching.py)."""
+def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: list[str] | None = None) -> Pipeline:
+    """The shipped models on ONNX Runtime, after checking their sha256 against the manifest (for calls made
+    at the same time to share one run of each model, wrap it in batching.BatchingPipeline)."""
     import hashlib
 
     info = read_manifest(weights_dir)
@@ -270,7 +276,4 @@ def load_pipeline(weights_dir: Path = WEIGHTS_DIR, threads: int = 2, providers: 
     brixia = Path(weights_dir) / "brixia.json"
     pipeline = Pipeline(lungs, opacity, version=info.version, lung_size=lungs.input_size,
                         opacity_size=opacity.input_size, brixia=BrixiaMapping.load(brixia) if brixia.exists() else None)
-    if batch_size > 1:
-        from model.batching import BatchingPipeline  # it builds on Pipeline
-        return BatchingPipeline(pipeline, batch_size)
     return pipeline

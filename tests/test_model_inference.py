@@ -93,6 +93,10 @@ def test_concurrent_calls_share_batches_and_each_gets_its_own_result(pipeline, d
     assert sum(batching.batch_sizes) == len(images) and max(batching.batch_sizes) == 4
     assert len(batching.batch_sizes) < len(images)  # the models ran fewer times than there were images
     assert all(same_reading(result, pipeline.segment(image)) for result, image in zip(results, images))
+    batching.close()  # the node closes it when it stops: its thread ends, and later calls are refused
+    assert not batching._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        batching.segment(images[0])
 
 
 def test_an_image_that_fails_in_a_batch_fails_alone(pipeline, dicom_dir, cxr_dir):

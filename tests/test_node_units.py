@@ -251,12 +251,13 @@ def test_echo_fails_when_the_node_itself_does_not_answer(tmp_path):
 
 
 def test_the_node_reaches_the_model_only_through_its_interface():
-    """Serving code imports `model.infer` and `model.image` only; the CLI also dispatches the model's
+    """Serving code imports `model.infer`, `model.image` and `model.batching` only (the Segmenter
+    protocol and what implements it); the CLI also dispatches the model's
     own commands (`evaluate`, `train`) to `model.evaluate`, `model.evidence`, `model.repeatability` and
     `model.training`."""
     import ast
 
-    allowed = {"model.infer", "model.image"}
+    allowed = {"model.infer", "model.image", "model.batching"}
     for path in sorted((REPO / "dicom_node").rglob("*.py")):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
