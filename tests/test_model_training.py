@@ -11,7 +11,7 @@ from model.export import export_onnx, round_weights_to_float16  # noqa: E402
 from model.infer import WEIGHTS_DIR, load_pipeline, onnx_runner  # noqa: E402
 from model.training.losses import lung_loss, opacity_loss, weak_losses  # noqa: E402
 from model.training.loop import SWAP_RIGHT_LEFT, Trainer, batches, lung_batch, opacity_batch, setup  # noqa: E402
-from model.training.recipe import Recipe  # noqa: E402
+from model.training.recipe import VARIANTS, Recipe  # noqa: E402
 from model.training.samples import (LUNG, TARGET, WEIGHT, ZONE, cohen_samples, lung_samples,  # noqa: E402
                                     quex_samples)
 
@@ -178,3 +178,9 @@ def test_brixia_mapping_for_a_fold_never_uses_that_folds_scores():
     fold0 = lambda rs: [r["brixia_predicted"] for r in rs if r["fold"] == 0]  # noqa: E731
     assert fold0(honest) == fold0(reversed_)
     assert np.mean([r["brixia_predicted"][z] == r["brixia_zones"]["senior"][z] for r in honest for z in "ABCDEF"]) > 0.9
+
+
+def test_the_recipe_ships_only_a_variant_the_cross_validation_scores():
+    assert Recipe().shipped in VARIANTS
+    with pytest.raises(ValueError, match="recipe.shipped must be one of"):
+        Recipe(shipped="stage B")

@@ -57,11 +57,10 @@ def report_cross_validation(inputs: Inputs, stage_a, out_dir: Path, recipe: Reci
     cross-validated rows."""
     from model.brixia import BrixiaMapping, mean_rater_zone_scores
     from model.evaluate import contact_sheet, summarize, write_report
+    from model.patients import image_id, merged_patients
     from model.training.crossval import brixia_from_zone_opacity, cross_validate
     from model.training.recipe import VARIANTS
     from model.training.report import ablation_table
-
-    from model.patients import image_id, merged_patients
 
     shipped = recipe.shipped
     results = cross_validate(inputs.records, inputs.quex_records, inputs.lungs, stage_a, inputs.cohen, inputs.quex,

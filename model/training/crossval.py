@@ -27,6 +27,8 @@ from model.training.samples import Samples
 from model.training.stages import cohen_stage, keras_pipeline, without_polygons
 
 CONTACT_SHEET_IMAGES = 24
+
+
 def patient_folds(records: list[Record], folds: int, seed: int, quex_records=(), locked=None) -> dict[str, int]:
     """Cohen filename -> fold, by merged patient (a seeded permutation of the sorted merged keys of
     the patients with no locked image); images of the locked test set's patients have no fold."""
