@@ -21,6 +21,10 @@ PROCESSES = Gauge("cxr_processes", "Processes registered in the queue (`cxr-node
                   "verdict (alive, late, dead)", ["role", "verdict"])
 LOOP_AGE = Gauge("cxr_loop_progress_age_seconds", "Seconds since each watched loop of this process last made "
                  "progress", ["loop"])
+REQUEUED = Counter("cxr_jobs_requeued_total", "Jobs queued again because the worker holding them died (found at "
+                   "start on one host; as stalled jobs in a cluster)")
+FAILED_AFTER_DEATHS = Counter("cxr_jobs_failed_after_worker_deaths_total", "Instances ended failed because their "
+                              "analysis ended its worker processing.max_attempts times")
 LIVENESS_SECONDS = Gauge("cxr_liveness_seconds", "processing.liveness_seconds: a loop silent for longer is "
                          "stalled (/healthz 503, no watchdog ping)")
 

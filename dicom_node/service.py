@@ -16,6 +16,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, ConfigError
 from dicom_node.liveness import Liveness, Loop
 from dicom_node.logs import log, setup_logging
+from dicom_node.metrics import FAILED_AFTER_DEATHS, REQUEUED
 from dicom_node.outputs.identity import Algorithm
 from dicom_node.queue import Queue, QueueUnavailable, open_queue
 from dicom_node.receiver import Receiver
@@ -111,6 +112,8 @@ def serve(config: Config, role: str = "all") -> int:
     # jobs a crash interrupted; in a cluster, procrastinate's stalled-job retry brings those back.
     removed = spool.clean_temporary(2 * config.network_timeout)
     recovered, poisoned = (0, []) if cluster else queue.recover(config.max_attempts)
+    REQUEUED.inc(recovered)
+    FAILED_AFTER_DEATHS.inc(len(poisoned))
     log("starting", role=role, queue=config.queue_backend, config=config.source, state_dir=str(config.state_dir),
         recovered_jobs=recovered, removed_partial_files=removed,
         destinations=[d.name for d in config.destinations] or "results_dir")

@@ -19,6 +19,7 @@ from procrastinate.worker import Worker as Engine
 from dicom_node.config import Config
 from dicom_node.liveness import Liveness, Loop
 from dicom_node.logs import log
+from dicom_node.metrics import FAILED_AFTER_DEATHS, REQUEUED
 from dicom_node.queue import QueueUnavailable, State
 from dicom_node.queue.postgresql import PostgresQueue
 from dicom_node.scheduler import purge_expired
@@ -52,7 +53,8 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
         job = queue.start(sop_uid, worker.process_id, config.max_attempts)
         if job is None:
             return "nothing to do"  # finished by an earlier run of this job
-        if job.state is State.FAILED:
+        if job.state is State.FAILED:  # another worker died analysing it max_attempts times
+            FAILED_AFTER_DEATHS.inc()
             log("instance failed", 40, uid=sop_uid, reason=job.reason)
             return str(job.state)
         state = worker.process(job)
@@ -83,6 +85,7 @@ def build_app(config: Config, queue: PostgresQueue, worker: Worker, sender: Send
         jobs = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=config.stalled_seconds)
         for job in jobs:
             await app.job_manager.retry_job(job)
+            REQUEUED.inc()
             log("job of a worker without heartbeat queued again", 30, task=job.task_name, job_args=job.task_kwargs)
         return len(jobs)
 

@@ -63,11 +63,14 @@ def test_an_image_that_kills_its_worker_ends_failed_after_max_attempts_and_other
     died = "worker died 3 times while analysing it"
     try:
         assert dcmsend(node.port, [poison]).returncode == 0
-        for _ in range(3):  # kill -9 of the node while it analyses that image, as a crash or the OOM killer would
+        for attempt in (1, 2, 3):  # kill -9 of the node while it analyses that image, as a crash or the OOM killer would
             wait_for(lambda: (node.instance(poison_uid) or {}).get("state") == "processing", 60, 0.02,
                      "the analysis of the image")
             node.kill()
             node.start()
+            metrics = node.metrics()  # what the restarted process found: the job queued again, or failed at last
+            assert f"cxr_jobs_requeued_total {float(attempt < 3)}" in metrics
+            assert f"cxr_jobs_failed_after_worker_deaths_total {float(attempt == 3)}" in metrics
         failed = node.status(poison_uid)
         assert dcmsend(node.port, [good]).returncode == 0
         wait_for(lambda: (node.instance(good_uid) or {}).get("state") == "done", 60, what="the next image analysed")
