@@ -86,7 +86,9 @@ class Worker:
         if not decision.frontal_chest:
             return self._skip(uid, decision)
         source = prepare_source(ds)
-        change = self._change_since_prior(ds, seg)
+        patient_id, issuer = str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))
+        key, taken = patient_key(self.history_key, patient_id, issuer), film_time(ds)
+        change = self._change_since_prior(ds, seg, key, taken)
         segmentation = build_segmentation(source, seg, self.algorithm, received)
         report = build_report(source, segmentation, seg, self.algorithm, received, change)
         outputs = [(Kind.SEG, segmentation), (Kind.SR, report)]
@@ -95,8 +97,7 @@ class Worker:
             outputs.append((Kind.SC, build_capture(source, shown, seg, self.algorithm, received, change)))
         if self.config.presentation_state:
             outputs.append((Kind.PR, build_presentation_state(source, seg, self.algorithm, received, change)))
-        key = patient_key(self.history_key, ds.get("PatientID", ""), ds.get("IssuerOfPatientID", ""))
-        film = Film(key, *film_time(ds), uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
+        film = Film(key, *taken, uid, ds.StudyInstanceUID, report.SOPInstanceUID, report.SeriesInstanceUID,
                     self.algorithm.model_version, figures(seg)) if key else None
         results = [(result.SOPInstanceUID, kind, encode(result)) for kind, result in outputs]
         note = (f"pixels read inverted: their lungs contradict PhotometricInterpretation "
@@ -112,12 +113,12 @@ class Worker:
     def history_key(self) -> bytes:
         return history_key(self.config.history_key_file, create=True)
 
-    def _change_since_prior(self, ds: pydicom.Dataset, seg) -> Change | None:
+    def _change_since_prior(self, ds: pydicom.Dataset, seg, key: str | None,
+                            taken: tuple[float | None, bool]) -> Change | None:
         """The change since the patient's latest film taken before this one, measured by the same model
         version: from the node's history, else (`[priors] pacs`) from its earlier SRs in the PACS, which
         join the history; None without a patient, a readable time, a prior, or measured change limits."""
-        patient_id, issuer = str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))
-        key, (taken_at, time_known) = patient_key(self.history_key, patient_id, issuer), film_time(ds)
+        taken_at, time_known = taken
         if key is None or self.algorithm.change_limits is None:
             return None
         if taken_at is None:
@@ -130,7 +131,8 @@ class Worker:
             return self.queue.prior_film(key, taken_at, time_known, version, ds.SOPInstanceUID)
         found = prior()
         if found is None and self.config.priors_pacs:
-            fetched = films_from_pacs(self.config, key, patient_id, issuer, taken_at)
+            fetched = films_from_pacs(self.config, key, str(ds.get("PatientID", "")),
+                                      str(ds.get("IssuerOfPatientID", "")), taken_at)
             self.queue.remember_films([f for f in fetched if f.source_uid != ds.SOPInstanceUID])
             found = prior()
         return compare(seg, found, self.algorithm.change_limits, taken_at) if found else None
