@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_faults.py", "tests/test_bad_input.py", "tests/test_load.py", "tests/test_security.py",
-         "tests/test_scale_out.py", "tests/test_stow.py", "tests/test_dicomweb_destinations.py"]
+         "tests/test_scale_out.py", "tests/test_liveness.py", "tests/test_stow.py", "tests/test_dicomweb_destinations.py"]
 COUNTS = ("sent", "accepted", "delivered", "lost", "duplicated")
 
 
@@ -54,7 +54,8 @@ Orthanc as the PACS, DCMTK `dcmsend`/`storescu` as senders (pynetdicom for byte-
 
 **Totals over the fault and load runs: {totals['sent']} instances sent, {totals['accepted']} accepted,
 {totals['delivered']} delivered with one SEG and one SR each, {totals['lost']} lost, {totals['duplicated']}
-duplicated.** {failed} accepted on purpose as undecodable: recorded as failed with its reason, no result.
+duplicated.** {failed} accepted that failed on purpose (undecodable, or ending its worker every time): recorded as
+failed with its reason, no result.
 Instances sent but not accepted were refused with 0xA700 at the disk watermark, then sent again and
 accepted. Peak RSS under load: {rss} MB.
 
@@ -93,11 +94,12 @@ date, is searched for each of those values: none appears (`test_logs_hold_no_pat
 
 `config/prometheus/cxr-node-alerts.yml` holds Prometheus alerting rules on the node's `/metrics`, and
 `config/grafana/cxr-node-dashboard.json` a Grafana dashboard of the same metrics: queue depth by state,
-throughput, analysis latency, delivery failures, liveness, disk. To load them, scrape every `all` and
-`worker` process (`[health] port`; set `[health] bind` to an address Prometheus can reach) in a job named
-`cxr-node`, list the rules file under `rule_files:` and route `severity: critical` to paging. In Grafana,
-import the JSON (Dashboards > New > Import) and pick the Prometheus data source. `--role receiver`
-processes serve no `/metrics`; the workers report their heartbeats. Each alert's description says what to
+throughput, analysis latency, delivery failures, liveness, disk. To load them, scrape every process
+(`[health] port`, and `port` + 1, + 2... for a node's extra receiver processes; set `[health] bind` to an
+address Prometheus can reach) in a job named `cxr-node`, list the rules file under `rule_files:` and route
+`severity: critical` to paging. In Grafana, import the JSON (Dashboards > New > Import) and pick the
+Prometheus data source. Receiver processes export their C-STORE outcomes, loops, disk and whether the
+queue is reachable; the processes that run jobs export the queue's counts and every process's verdict. Each alert's description says what to
 check (`cxr-node status`, `journalctl -u 'cxr-node@*'`, `/healthz`). `tests/test_alerts.py` runs
 `promtool check rules` and `promtool test rules config/prometheus/cxr-node-alerts.test.yml` (each alert
 firing and not firing). It also runs a real Prometheus against a real node whose worker cannot progress:

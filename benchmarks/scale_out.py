@@ -54,7 +54,7 @@ def claimer(folder: Path, dsn: str) -> None:
 
     from procrastinate.worker import Worker as Engine
 
-    from dicom_node.tasks import build_app
+    from dicom_node.engines.cluster import build_app
     config = site_config(folder, dsn)
     queue = PostgresQueue(dsn)
     app = build_app(config, queue, NoModel(queue), sender=None)
@@ -69,9 +69,10 @@ def claimer(folder: Path, dsn: str) -> None:
 def claims_per_second(server: PostgreSQL, folder: Path, jobs: int) -> tuple[float, float]:
     """(instances promoted per second, each with its job deferred, from one process; jobs claimed and
     finished per second by 16 claimers)."""
-    from dicom_node.tasks import build_app
+    from dicom_node.engines.cluster import build_app, install_schema
     dsn = server.create_database("claims")
     queue = PostgresQueue(dsn)
+    install_schema(dsn)
     uids = [f"1.2.826.0.1.3680043.10.1.{index}" for index in range(jobs)]
     queue._transaction(lambda db: [db.execute(
         "INSERT INTO instances (sop_uid, study_uid, path, state, received_at, updated_at)"

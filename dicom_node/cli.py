@@ -71,22 +71,36 @@ def cmd_history(args) -> int:
 
 
 def cmd_echo(args) -> int:
-    """C-ECHO this node's own port (as a sender it allows would), then every destination (a DICOMweb one
-    by a QIDO-RS query)."""
+    """What a process of `--role` uses: this node's own port (C-ECHO, as a sender it allows would; all,
+    receiver), the queue (every role) and every destination (all, worker; a DICOMweb one by a QIDO-RS query)."""
     from dicom_node.config import Destination
     from dicom_node.dicomweb_sender import check as check_dicomweb
+    from dicom_node.queue import QueueUnavailable, open_queue
     from dicom_node.sender import echo
 
     config = _config(args)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.bind, config.bind)
-    checks = []
-    if config.tls:
-        print(f"this node ({config.ae_title}@{host}:{config.port}): not checked - its port requires DICOM TLS")
+    checks, failures = [], 0
+    if args.role != "worker":
+        if config.tls:
+            print(f"this node ({config.ae_title}@{host}:{config.port}): not checked - its port requires DICOM TLS")
+        else:
+            calling = config.allowed_calling_aes[0] if config.allowed_calling_aes else "ECHOSCU"
+            checks.append((Destination("this node", config.ae_title, host, config.port), calling))
+    database = config.state_dir / "queue.sqlite3"
+    if config.queue_backend == "sqlite" and not database.exists():
+        print(f"queue (sqlite): not made yet - the node makes {database} at its first start")
     else:
-        calling = config.allowed_calling_aes[0] if config.allowed_calling_aes else "ECHOSCU"
-        checks.append((Destination("this node", config.ae_title, host, config.port), calling))
-    checks += [(destination, None) for destination in config.destinations]
-    failures = 0
+        try:
+            queue = open_queue(config)
+            queue.counts()
+            queue.close()
+            print(f"queue ({config.queue_backend}): ok")
+        except QueueUnavailable as error:
+            failures += 1
+            print(f"queue ({config.queue_backend}): FAILED - {error}")
+    if args.role != "receiver":
+        checks += [(destination, None) for destination in config.destinations]
     for destination, calling in checks:
         if destination.dicomweb:  # a STOW-RS destination: is its DICOMweb service there, and are we let in?
             ok, message = check_dicomweb(destination.dicomweb, config.network_timeout)
@@ -96,7 +110,7 @@ def cmd_echo(args) -> int:
             where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         failures += not ok
         print(f"{destination.name} ({where}): {'ok' if ok else 'FAILED'} - {message}")
-    if not config.destinations:
+    if args.role != "receiver" and not config.destinations:
         print(f"no destinations configured: results are written to {config.results_dir}")
     return 1 if failures else 0
 
@@ -202,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--patient", required=True, help="Patient ID (the history keeps only a hash of it)")
     history.add_argument("--issuer", default="", help="Issuer of Patient ID, if the films carry one")
     history.set_defaults(handler=cmd_history)
-    commands.add_parser("echo", parents=[config], help="C-ECHO this node and every DIMSE destination, QIDO-RS to every DICOMweb one (exit 1 if one fails)").set_defaults(handler=cmd_echo)
+    echo = commands.add_parser("echo", parents=[config], help="check what a process of the role uses: C-ECHO this "
+                               "node, the queue, C-ECHO every DIMSE destination, QIDO-RS every DICOMweb one (exit 1 "
+                               "if one fails)")
+    echo.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                      help="all (default): this node's port, the queue and the destinations; receiver: the port "
+                           "and the queue; worker: the queue and the destinations")
+    echo.set_defaults(handler=cmd_echo)
     retry = commands.add_parser("retry", parents=[config], help="queue failed instances and refused results again")
     retry.add_argument("--uid", help="only this SOP Instance UID: a source instance (and its refused results) or "
                                      "one result (default: everything failed)")

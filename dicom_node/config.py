@@ -103,7 +103,6 @@ class Config:
     audit_syslog: str
     queue_backend: str = "sqlite"
     queue_dsn: str = ""
-    stalled_seconds: float = 30
     liveness_seconds: float = 60
     max_attempts: int = 3
     dicomweb: DicomWebEndpoint | None = None
@@ -111,6 +110,17 @@ class Config:
     priors_lookback_days: float = 400
     priors_max_studies: int = 3
     source: list = field(default_factory=list)
+
+    @property
+    def stalled_seconds(self) -> float:
+        """With PostgreSQL: a worker whose procrastinate heartbeat is older than this is dead, its job runs
+        again elsewhere. Half the liveness period: that worker is already `late` in `status`."""
+        return self.liveness_seconds / 2
+
+
+# Settings that were removed, and what replaced them: named in the error instead of "unknown setting".
+REMOVED = {"queue.stalled_seconds": "removed: a worker silent for processing.liveness_seconds / 2 is dead "
+                                    "(set processing.liveness_seconds to twice the old value instead)"}
 
 
 # The site file's shape, checked by pydantic in strict mode: a string where a boolean or a number belongs
@@ -171,7 +181,6 @@ class _Storage(_Section):
 class _Queue(_Section):
     backend: Literal["sqlite", "postgresql"]
     dsn: str
-    stalled_seconds: float = Field(ge=5)
 
 
 class _Processing(_Section):
@@ -180,7 +189,7 @@ class _Processing(_Section):
     batch_size: int = Field(ge=1)
     onnx_threads: int = Field(ge=1)
     providers: list[str] = Field(min_length=1)
-    liveness_seconds: float = Field(ge=1)
+    liveness_seconds: float = Field(ge=10)  # procrastinate's heartbeat: every liveness_seconds / 6
     max_attempts: int = Field(ge=1)
 
 
@@ -273,7 +282,7 @@ def _explain(error: ValidationError) -> str:
     for problem in error.errors(include_url=False):
         key = _where(problem["loc"])
         if problem["type"] == "extra_forbidden":
-            lines.append(f"unknown setting '{key}'")
+            lines.append(f"{key}: {REMOVED[key]}" if key in REMOVED else f"unknown setting '{key}'")
         elif problem["type"] == "missing":
             lines.append(f"{key}: missing")
         else:
@@ -422,7 +431,7 @@ def load_config(path: Path | None = None, base_dir: Path | None = None) -> Confi
         else state_dir / "history.key",
         health_bind=settings.health.bind, health_port=settings.health.port, log_level=settings.logging.level,
         audit_log=state_dir / settings.audit.file, audit_syslog=settings.audit.syslog,
-        queue_backend=queue.backend, queue_dsn=queue.dsn, stalled_seconds=queue.stalled_seconds,
+        queue_backend=queue.backend, queue_dsn=queue.dsn,
         dicomweb=_dicomweb(settings.dicomweb, base_dir), priors_pacs=settings.priors.pacs, priors_lookback_days=settings.priors.lookback_days,
         priors_max_studies=settings.priors.max_studies, source=sources,
     )

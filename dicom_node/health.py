@@ -1,13 +1,14 @@
 """HTTP on localhost: /healthz (JSON, 503 when the node cannot accept or do work) and /metrics."""
 from __future__ import annotations
 
+import errno
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dicom_node.config import Config
+from dicom_node.config import Config, ConfigError
 from dicom_node.liveness import Liveness, cause
 from dicom_node.metrics import LIVENESS_SECONDS, LOOP_AGE
 from dicom_node.queue import Queue, QueueUnavailable
@@ -28,7 +29,9 @@ def health_report(config: Config, queue: Queue, spool: Spool, liveness: Liveness
             "stalled_loops": stalled, **counts}
 
 
-def start_health_server(config: Config, queue: Queue, spool: Spool, liveness: Liveness) -> ThreadingHTTPServer:
+def start_health_server(config: Config, queue: Queue, spool: Spool, liveness: Liveness,
+                        port: int) -> ThreadingHTTPServer:
+    """Serving on `port` in a thread; a port in use is a ConfigError (exit 2) naming the setting."""
     LIVENESS_SECONDS.set(liveness.seconds)
 
     class Handler(BaseHTTPRequestHandler):
@@ -53,6 +56,12 @@ def start_health_server(config: Config, queue: Queue, spool: Spool, liveness: Li
         def log_message(self, *args):  # access logs are noise here
             pass
 
-    server = ThreadingHTTPServer((config.health_bind, config.health_port), Handler)
+    try:
+        server = ThreadingHTTPServer((config.health_bind, port), Handler)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ConfigError(f"health.port: {config.health_bind}:{port} is already in use by another process "
+                              "(the extra receiver processes of a node take health.port + 1, + 2...)") from None
+        raise
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server

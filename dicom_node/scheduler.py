@@ -1,8 +1,7 @@
-"""Periodic jobs (APScheduler): refresh gauges, remove half-written files, ping the systemd watchdog
-and, on one host (SQLite), promote stable studies, send results and purge by retention. With
-PostgreSQL those three run once per cluster as procrastinate periodic tasks (dicom_node/tasks.py).
-Every job is a `Loop`: an error is retried with backoff and never ends it; the frequent ones beat
-`liveness`, and the watchdog is pinged only while every loop of the process is alive."""
+"""The process's timers (APScheduler): refresh gauges, remove half-written files, ping the systemd
+watchdog; the single-host engine adds its own (dicom_node/engines/local.py). Every job is a `Loop`:
+an error is retried with backoff and never ends it; the frequent ones beat `liveness`, and the watchdog
+is pinged only while every loop of the process is alive."""
 from __future__ import annotations
 
 import time
@@ -16,7 +15,6 @@ from dicom_node.liveness import Liveness, Loop, guarded
 from dicom_node.logs import log
 from dicom_node.metrics import FREE_MB, INSTANCES, MIN_FREE_MB, PROCESSES, QUEUE_REACHABLE, RESULTS
 from dicom_node.queue import Queue, QueueUnavailable
-from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.systemd import notify, watchdog_interval
 
@@ -32,16 +30,21 @@ def purge_expired(queue: Queue, config: Config) -> int:
     return purged
 
 
-def refresh_gauges(config: Config, queue: Queue, spool: Spool) -> None:
-    """Disk first: it needs no queue, so it stays current while the database is down."""
+def refresh_gauges(config: Config, queue: Queue, spool: Spool, queue_counts: bool = True) -> None:
+    """Disk first: it needs no queue, so it stays current while the database is down. `queue_counts`
+    False (a receiver-only process): only whether the queue is reachable; the processes that run jobs
+    export its counts, which the "queue not draining" alert reads per process."""
     FREE_MB.set(spool.free_mb())
     MIN_FREE_MB.set(config.min_free_mb)
     try:
-        counts, processes = queue.counts(), queue.processes(config.liveness_seconds)
+        counts = queue.counts()
+        processes = queue.processes(config.liveness_seconds) if queue_counts else []
     except QueueUnavailable:
         QUEUE_REACHABLE.set(0)
         raise  # the loop's failure: logged with its cause, retried with backoff
     QUEUE_REACHABLE.set(1)
+    if not queue_counts:
+        return
     for state, n in counts["instances"].items():
         INSTANCES.labels(state).set(n)
     for state, n in counts["results"].items():
@@ -60,15 +63,8 @@ def add_loop(scheduler: BackgroundScheduler, liveness: Liveness | None, name: st
                       coalesce=True, id=name, **interval)
 
 
-def start_scheduler(config: Config, queue: Queue, spool: Spool, liveness: Liveness,
-                    sender: Sender | None = None) -> BackgroundScheduler:
-    """Node-local timers; with `sender` (the single-host engine) also promotion, sending and purge."""
+def start_scheduler(config: Config, queue: Queue, spool: Spool, liveness: Liveness) -> BackgroundScheduler:
     scheduler = BackgroundScheduler()
-    if sender:
-        add_loop(scheduler, liveness, "promote", queue.promote_stable, config.stable_seconds, seconds=0.5)
-        if config.destinations:
-            add_loop(scheduler, liveness, "send", sender.send_due, seconds=1)
-        add_loop(scheduler, None, "purge", purge_expired, queue, config, minutes=60)
     # at once, not in 5 s: until then /metrics would show a queue unreachable and an empty disk
     add_loop(scheduler, liveness, "gauges", refresh_gauges, config, queue, spool, seconds=5,
              next_run_time=datetime.now())

@@ -14,13 +14,13 @@ import warnings
 from dicom_node import __version__
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Config, ConfigError
+from dicom_node.engines import engine_for
 from dicom_node.liveness import Liveness, Loop
 from dicom_node.logs import log, setup_logging
-from dicom_node.metrics import FAILED_AFTER_DEATHS, REQUEUED
 from dicom_node.outputs.identity import Algorithm
 from dicom_node.queue import Queue, QueueUnavailable, open_queue
 from dicom_node.receiver import Receiver
-from dicom_node.scheduler import add_loop, start_scheduler
+from dicom_node.scheduler import add_loop, refresh_gauges, start_scheduler
 from dicom_node.sender import Sender
 from dicom_node.spool import Spool
 from dicom_node.stow import StowServer
@@ -42,6 +42,7 @@ def algorithm_identity() -> Algorithm:
 
 HEARTBEATS_PER_LIVENESS = 12  # a process's row in `status` is refreshed this often per liveness period (5 s at 60 s)
 FOLLOWED_PARENT = "CXR_NODE_PARENT_PID"  # set for the receiver processes an `all` process starts: they stop with it
+RECEIVER_INDEX = "CXR_NODE_RECEIVER_INDEX"  # 1, 2...: such a process serves /healthz on health.port + its index
 
 
 def join(queue: Queue, role: str, config: Config) -> str:
@@ -61,23 +62,34 @@ def open_state(config: Config) -> tuple[Queue, Spool]:
 
 class ReceiverProcesses:
     """The node's extra receiver processes (`node.receiver_processes` - 1, each `serve --role receiver`
-    on the shared port): started with the node, restarted when one dies, stopped before it."""
+    on the shared port): started with the node, restarted when one dies (its row in `status` forgotten),
+    stopped before it. One that cannot start (exit 2: its health port in use) stops the node with exit 2."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, queue: Queue, stop: threading.Event):
         site = ["--config", config.source[-1]] if len(config.source) > 1 else []
         self.command = [sys.executable, "-m", "dicom_node.cli", "serve", "--role", "receiver", *site]
-        self.processes = [self._spawn() for _ in range(config.receiver_processes - 1)]
-        self.stopping = False
+        self.queue, self.node_stop = queue, stop
+        self.processes = [self._spawn(index) for index in range(1, config.receiver_processes)]
+        self.stopping = self.cannot_start = False
 
-    def _spawn(self) -> subprocess.Popen:  # same working folder, stdout and stderr (the journal)
-        return subprocess.Popen(self.command, env={**os.environ, FOLLOWED_PARENT: str(os.getpid())})
+    def _spawn(self, index: int) -> subprocess.Popen:  # same working folder, stdout and stderr (the journal)
+        return subprocess.Popen(self.command, env={**os.environ, FOLLOWED_PARENT: str(os.getpid()),
+                                                   RECEIVER_INDEX: str(index)})
 
     def restart_dead(self) -> None:
         for index, process in enumerate(self.processes):
-            if process.poll() is not None and not self.stopping:
-                log("receiver process exited; starting another", 40, receiver_pid=process.pid,
-                    exit_code=process.returncode)
-                self.processes[index] = self._spawn()
+            if process.poll() is None or self.stopping:
+                continue
+            with contextlib.suppress(QueueUnavailable):  # gone for sure: not a `dead` row in `status` for 10 periods
+                self.queue.forget(socket.gethostname(), process.pid)
+            if process.returncode == 2:  # a configuration error, said on its stderr: starting it again cannot help
+                log("receiver process cannot start (configuration error above); stopping the node", 50,
+                    receiver_pid=process.pid)
+                self.cannot_start = True
+                self.node_stop.set()
+                return
+            log("receiver process exited; starting another", 40, receiver_pid=process.pid, exit_code=process.returncode)
+            self.processes[index] = self._spawn(index + 1)
 
     def stop(self) -> None:
         self.stopping = True
@@ -96,6 +108,9 @@ def serve(config: Config, role: str = "all") -> int:
     if role == "worker" and config.queue_backend != "postgresql":
         raise ConfigError('serve --role worker: needs [queue] backend = "postgresql" (with SQLite the `all` '
                           "process is the only worker)")
+    if role == "receiver" and config.queue_backend != "postgresql" and FOLLOWED_PARENT not in os.environ:
+        raise ConfigError('serve --role receiver: needs [queue] backend = "postgresql" (with SQLite, receiver '
+                          "processes are started by the `all` process: node.receiver_processes)")
     setup_logging(config.log_level)
     # highdicom warns about odd person names by quoting the name: patient data must stay out of the
     # logs. Set once, before any thread starts (warnings.catch_warnings is not thread-safe).
@@ -107,18 +122,10 @@ def serve(config: Config, role: str = "all") -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if role == "receiver":
         return serve_receiver(config, queue, spool, audit, stop)
-    cluster = config.queue_backend == "postgresql"  # jobs run by procrastinate, the cluster's periodic work too
-    # Files half written by a crash; not the ones receiver processes are writing now. On one host, the
-    # jobs a crash interrupted; in a cluster, procrastinate's stalled-job retry brings those back.
+    # Files half written by a crash; not the ones receiver processes are writing now.
     removed = spool.clean_temporary(2 * config.network_timeout)
-    recovered, poisoned = (0, []) if cluster else queue.recover(config.max_attempts)
-    REQUEUED.inc(recovered)
-    FAILED_AFTER_DEATHS.inc(len(poisoned))
     log("starting", role=role, queue=config.queue_backend, config=config.source, state_dir=str(config.state_dir),
-        recovered_jobs=recovered, removed_partial_files=removed,
-        destinations=[d.name for d in config.destinations] or "results_dir")
-    for uid in poisoned:
-        log("instance failed: its analysis ended the worker every time", 40, uid=uid, attempts=config.max_attempts)
+        removed_partial_files=removed, destinations=[d.name for d in config.destinations] or "results_dir")
     receiver = Receiver(config, queue, spool, audit) if role == "all" else None
     stow = StowServer(config, receiver, audit) if receiver and config.dicomweb else None
     if receiver:  # before any other thread: a port in use ends the process (exit 2) with nothing left running
@@ -134,17 +141,14 @@ def serve(config: Config, role: str = "all") -> int:
     worker = Worker(config, queue, spool, segmenter, algorithm, process_id)
     sender = Sender(config, queue, audit)
     liveness = Liveness(config.liveness_seconds)
-    if cluster:
-        from dicom_node.tasks import build_app, run_engines
-        workers = [threading.Thread(target=run_engines, name="jobs", args=(
-            build_app(config, queue, worker, sender), config, process_id, stop, liveness))]
-    else:
-        workers = [threading.Thread(target=worker.run, args=(stop, Loop(f"worker-{i}", liveness)), name=f"worker-{i}")
-                   for i in range(config.workers)]
-    for thread in workers:
-        thread.start()
-    receivers = ReceiverProcesses(config) if role == "all" else None
-    scheduler = start_scheduler(config, queue, spool, liveness, None if cluster else sender)
+    health = None
+    if config.health_port:  # before any thread that would keep the process alive: a port in use ends it (exit 2)
+        from dicom_node.health import start_health_server
+        health = start_health_server(config, queue, spool, liveness, config.health_port)
+    engine = engine_for(config, queue, spool, worker, sender, liveness, stop)
+    receivers = ReceiverProcesses(config, queue, stop) if role == "all" else None
+    scheduler = start_scheduler(config, queue, spool, liveness)
+    engine.start(scheduler)
     if receiver:
         add_loop(scheduler, liveness, "receiver", receiver.check, seconds=2)
     if stow:
@@ -153,15 +157,11 @@ def serve(config: Config, role: str = "all") -> int:
         add_loop(scheduler, liveness, "receiver-processes", receivers.restart_dead, seconds=2)
     add_loop(scheduler, None, "heartbeat", heartbeat, queue, process_id, liveness,  # watched in `status` instead
              seconds=config.liveness_seconds / HEARTBEATS_PER_LIVENESS)
-    health = None
-    if config.health_port:
-        from dicom_node.health import start_health_server
-        health = start_health_server(config, queue, spool, liveness)
     notify("READY=1")
     log("ready", role=role, model=algorithm.version, onnx_providers=choose_providers(list(config.providers)))
     stop.wait()
     notify("STOPPING=1")
-    log("stopping: no new associations, finishing the current jobs")
+    log("stopping: " + ("no new associations, " if receiver else "") + "finishing the current jobs")
     if receivers:
         receivers.stop()
     if receiver:
@@ -169,8 +169,7 @@ def serve(config: Config, role: str = "all") -> int:
     if stow:
         stow.stop()
     scheduler.shutdown(wait=True)
-    for thread in workers:
-        thread.join(timeout=90)
+    engine.join()
     if isinstance(segmenter, BatchingPipeline):
         segmenter.close()
     if health:
@@ -180,7 +179,7 @@ def serve(config: Config, role: str = "all") -> int:
     queue.close()
     audit.application(started=False)
     log("stopped")
-    return 0
+    return 2 if receivers and receivers.cannot_start else 0
 
 
 def heartbeat(queue: Queue, process_id: str, liveness: Liveness) -> None:
@@ -193,25 +192,30 @@ def heartbeat(queue: Queue, process_id: str, liveness: Liveness) -> None:
 
 def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail, stop: threading.Event) -> int:
     """Only the receiver (no models loaded): the `all` process's workers, or the cluster's, analyse
-    what it takes."""
+    what it takes. Serves /healthz and /metrics (C-STORE outcomes, disk, queue reachable) like every process."""
     receiver = Receiver(config, queue, spool, audit)
     stow = StowServer(config, receiver, audit) if config.dicomweb else None
     receiver.start()
     if stow:
         stow.start()
+    liveness = Liveness(config.liveness_seconds)
+    health = None
+    if config.health_port:
+        from dicom_node.health import start_health_server
+        health = start_health_server(config, queue, spool, liveness,
+                                     config.health_port + int(os.environ.get(RECEIVER_INDEX, 0)))
     audit.application(started=True)
     process_id = join(queue, "receiver", config)
     parent = os.environ.get(FOLLOWED_PARENT)
-
-    liveness = Liveness(config.liveness_seconds)
     loop = Loop("receiver", liveness)
 
     def heartbeat_and_watch_parent():  # the `all` process that started this one was killed (kill -9): follow it
-        while not stop.wait(config.liveness_seconds / HEARTBEATS_PER_LIVENESS):
+        while True:  # a round at once: /metrics has the disk and the queue from the start
             try:
                 receiver.check()
                 if stow:
                     stow.check()
+                refresh_gauges(config, queue, spool, queue_counts=False)  # the workers export the queue's counts
                 loop.ok()
                 heartbeat(queue, process_id, liveness)
             except Exception as error:
@@ -219,12 +223,16 @@ def serve_receiver(config: Config, queue: Queue, spool: Spool, audit: AuditTrail
             if parent and str(os.getppid()) != parent:
                 log("the node that started this receiver is gone; stopping", 30)
                 stop.set()
+            if stop.wait(config.liveness_seconds / HEARTBEATS_PER_LIVENESS):
+                return
     threading.Thread(target=heartbeat_and_watch_parent, name="heartbeat", daemon=True).start()
     log("ready", role="receiver")
     stop.wait()
     receiver.stop()
     if stow:
         stow.stop()
+    if health:
+        health.shutdown()
     with contextlib.suppress(QueueUnavailable):
         queue.unregister(process_id)
     queue.close()

@@ -1,11 +1,9 @@
 """Claimed instance -> filter -> pixels -> models -> SEG + SR, durably held and queued for sending."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import io
-import threading
 import time
 from datetime import datetime
 
@@ -15,7 +13,6 @@ from dicom_node import filter as chest_filter
 from dicom_node.config import Config
 from dicom_node.history import Change, Film, compare, figures, film_time, history_key, patient_key
 from dicom_node.kinds import Kind
-from dicom_node.liveness import Loop, cause
 from dicom_node.logs import log
 from dicom_node.metrics import PROCESSED, PROCESSING_SECONDS
 from dicom_node.outputs.capture import build_capture
@@ -38,7 +35,7 @@ def encode(ds: pydicom.Dataset) -> bytes:
 
 
 class Worker:
-    """Stateless between jobs: worker threads (or the job engine's threads) share one."""
+    """Stateless between jobs: the engine's threads share one (dicom_node/engines)."""
 
     def __init__(self, config: Config, queue: Queue, spool: Spool, pipeline: Segmenter,
                  algorithm: Algorithm, process_id: str | None = None):
@@ -141,30 +138,3 @@ class Worker:
         self.queue.skip(uid, decision.reason, decision.decided_by)
         log("instance skipped", uid=uid, reason=decision.reason, decided_by=decision.decided_by)
         return State.SKIPPED
-
-    def run(self, stop: threading.Event, loop: Loop) -> None:
-        """The single-host engine (SQLite): claim, process, repeat, until `stop`. A claim or queue error
-        never ends it: it is retried with backoff, and the loop beats only while it can work."""
-        while not stop.is_set():
-            try:
-                if self.spool.free_mb() < self.config.min_free_mb:  # results need room too; wait for it
-                    loop.ok()  # waiting by design (/healthz says why), not stuck
-                    stop.wait(1)
-                    continue
-                job = self.queue.claim_next(self.process_id)
-            except Exception as error:  # e.g. another process holds the SQLite queue past the busy timeout
-                stop.wait(loop.failed(error))
-                continue
-            loop.ok()
-            if job is None:
-                stop.wait(0.2)
-                continue
-            try:
-                self.process(job)
-            except QueueUnavailable as error:  # the outcome could not be recorded (e.g. disk full): redo the job later
-                log("queue write failed; the job goes back to the queue once it can be written", 40,
-                    uid=job.sop_uid, error=cause(error))
-                while not stop.wait(1):
-                    with contextlib.suppress(QueueUnavailable):
-                        self.queue.requeue(job.sop_uid, f"queue write failed: {error}")
-                        break

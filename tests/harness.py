@@ -311,7 +311,10 @@ class PostgreSQL:
                 shutil.chown(self.folder, "postgres", "postgres")
             self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
-                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1", "start", timeout=60)
+                  # authentication_timeout: a shutdown waits that long for a client that opened a connection
+                  # and has not yet sent its startup packet (a pool reconnecting at that moment); 60 s by default
+                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c authentication_timeout=10",
+                  "start", timeout=60)
         return self
 
     @property

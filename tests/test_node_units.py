@@ -40,12 +40,12 @@ def test_embedded_defaults_load():
     ('[audit]\nsyslog = "syslog.example.org"\n', "audit.syslog"),
     ('[queue]\nbackend = "mysql"\n', "queue.backend"),
     ('[queue]\nbackend = "postgresql"\n', "queue.dsn"),
-    ('[queue]\nstalled_seconds = 1\n', "queue.stalled_seconds"),
+    ('[queue]\nstalled_seconds = 30\n', "queue.stalled_seconds: removed: a worker silent for processing.liveness_seconds / 2"),
     ("[processing]\nbatch_size = 0\n", "processing.batch_size"),
     ('[node]\nrequire_called_ae = "no"\n', "node.require_called_ae: Input should be a valid boolean, got 'no'"),
     ('[tls]\nrequire_client_certificate = "false"\n', "tls.require_client_certificate"),
     ('[health]\nport = "8088"\n', "health.port"),
-    ("[processing]\nliveness_seconds = 0\n", "processing.liveness_seconds"),
+    ("[processing]\nliveness_seconds = 5\n", "processing.liveness_seconds"),
     ("[processing]\nmax_attempts = 1.5\n", "processing.max_attempts"),
     ("[nodes]\nport = 104\n", "unknown setting 'nodes'"),
 ])
@@ -74,20 +74,25 @@ def test_a_string_where_a_boolean_belongs_stops_serve_with_exit_2_naming_the_key
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "state").exists()  # nothing started
 
 
-def test_a_port_in_use_stops_serve_with_exit_2_and_one_line(tmp_path):
+@pytest.mark.parametrize("taken_by", ["node", "health"])
+def test_a_port_in_use_stops_serve_with_exit_2_and_one_line(tmp_path, taken_by):
     import socket
+
+    from tests.harness import free_port
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"node": port, "health": free_port()} if taken_by == "node" else {"node": free_port(), "health": port}
         path = tmp_path / "site.toml"
-        path.write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n[health]\nport = 0\n')
+        path.write_text(f'[node]\nport = {ports["node"]}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n'
+                        f'[health]\nport = {ports["health"]}\n')
         result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)],
                                 capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[-1] == (f"cxr-node: configuration error: node.port: 127.0.0.1:{port} is already "
-                                              "in use by another process")
+    assert result.stderr.splitlines()[-1].startswith(f"cxr-node: configuration error: {taken_by}.port: 127.0.0.1:{port} "
+                                                     "is already in use by another process")
 
 
 def received(queue, tmp_path, uid="1.2.3", study="9") -> bool:
@@ -248,6 +253,26 @@ def test_echo_fails_when_the_node_itself_does_not_answer(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"this node (CXR_NODE@127.0.0.1:{port}): FAILED" in result.stdout
+
+
+def test_echo_checks_what_the_role_uses(tmp_path):
+    """A worker listens on no port: its echo checks the queue and the destinations, not `node.port`."""
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on: the node's, and PostgreSQL's
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def echo(role: str, queue: str = "") -> subprocess.CompletedProcess:
+        site = tmp_path / "site.toml"
+        site.write_text(f'[node]\nport = {port}\n[storage]\nstate_dir = "{tmp_path / "state"}"\n{queue}')
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "echo", "--role", role, "--config", str(site)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    worker = echo("worker")
+    assert worker.returncode == 0 and "this node" not in worker.stdout and "queue (sqlite): not made yet" in worker.stdout
+    assert echo("receiver").returncode == 1
+    unreachable = echo("worker", f'[queue]\nbackend = "postgresql"\ndsn = "postgresql://cxr@127.0.0.1:{port}/cxr"\n')
+    assert unreachable.returncode == 1 and "queue (postgresql): FAILED" in unreachable.stdout
 
 
 def test_the_node_reaches_the_model_only_through_its_interface():
@@ -451,19 +476,60 @@ def test_a_postgresql_queue_of_schema_1_is_migrated(postgresql):
         queue.close()
 
 
+def test_procrastinate_schema_of_an_older_version_is_brought_up_by_its_own_migrations(postgresql):
+    """A cluster database made by procrastinate 3.3.0 (its schema.sql, as that release shipped it) is brought
+    to the installed version by the migrations procrastinate ships, once; afterwards its tables, columns,
+    functions, triggers and indexes are those of a fresh install. A schema of a newer procrastinate is refused."""
+    import psycopg
+    from procrastinate import __version__ as installed
+
+    from dicom_node.engines.cluster import install_schema
+    from dicom_node.queue import SchemaTooNew
+
+    def shape(database: str) -> list[list[str]]:
+        return postgresql.query(database, """
+            SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' '
+                   || COALESCE(column_default, '') FROM information_schema.columns WHERE table_name LIKE 'procrastinate%'
+            UNION ALL SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   WHERE n.nspname = 'public' AND p.proname LIKE 'procrastinate%'
+            UNION ALL SELECT 'enum', t.typname || ' ' || e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid
+            UNION ALL SELECT 'trigger', c.relname || ' ' || t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                   WHERE NOT t.tgisinternal
+            UNION ALL SELECT 'index', indexdef FROM pg_indexes WHERE tablename LIKE 'procrastinate%'
+            ORDER BY 1, 2""")
+
+    fresh, old = postgresql.create_database("procrastinate_fresh"), postgresql.create_database("procrastinate_old")
+    assert install_schema(fresh) == []
+    with psycopg.connect(old) as db:
+        db.execute((REPO / "tests" / "fixtures" / "procrastinate-3.3.0-schema.sql").read_text())
+        db.execute("CREATE TABLE cxr_node_procrastinate (version TEXT NOT NULL); "
+                   "INSERT INTO cxr_node_procrastinate VALUES ('3.3.0')")
+    assert shape("procrastinate_old") != shape("procrastinate_fresh")
+    assert install_schema(old) == ["03.04.00_01_pre_add_retry_failed_job_procedure.sql",
+                                   "03.04.00_50_post_add_retry_failed_job_procedure.sql"]
+    assert shape("procrastinate_old") == shape("procrastinate_fresh")
+    assert install_schema(old) == []  # recorded: applied once
+    assert postgresql.query("procrastinate_old", "SELECT version FROM cxr_node_procrastinate") == [[installed]]
+    postgresql.query("procrastinate_old", "UPDATE cxr_node_procrastinate SET version = '99.0.0'")
+    with pytest.raises(SchemaTooNew, match="procrastinate schema 99.0.0"):
+        install_schema(old)
+
+
 def test_promotion_defers_one_analyse_job_per_instance_and_again_once_its_job_ended(postgresql, tmp_path):
     """The cluster's outbox: however often `promote` runs, an instance has one waiting job; a queued
     instance whose job ended without finishing it (put back after a full disk, `cxr-node retry`) gets another."""
     from types import SimpleNamespace
 
     from dicom_node.queue.postgresql import PostgresQueue
-    from dicom_node.tasks import build_app
+    from dicom_node.engines.cluster import build_app, install_schema
 
     database = "outbox"
     dsn = postgresql.create_database(database)
     (tmp_path / "node.toml").write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[processing]\n'
                                         f'stable_seconds = 0\n[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
     queue = PostgresQueue(dsn)
+    install_schema(dsn)
     app = build_app(load_config(tmp_path / "node.toml"), queue, SimpleNamespace(destinations=[], process_id=None),
                     sender=None)
 
@@ -493,8 +559,10 @@ def test_postgresql_unreachable_at_start_exits_1_and_says_so(tmp_path):
     assert result.returncode == 1 and "queue unavailable" in result.stderr
 
 
-def test_worker_role_needs_postgresql(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "worker"],
+@pytest.mark.parametrize("role", ["worker", "receiver"])
+def test_worker_and_lone_receiver_roles_need_postgresql(tmp_path, role):
+    """With SQLite the `all` process analyses: a worker, or a receiver it did not start, would wait for nothing."""
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", role],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and 'backend = "postgresql"' in result.stderr
 

@@ -16,19 +16,22 @@ from tests.test_faults import SOURCES, delivery, uids
 pytestmark = pytest.mark.slow
 
 INSTANCES = 300
-STALLED_SECONDS = 6  # a worker silent this long is dead (the default is 30 s)
-HEARTBEAT_LIMIT = 12  # seconds: a live process's row in `cxr-node status` is younger (heartbeats every 5 s)
+LIVENESS_SECONDS = 12  # the default is 60 s: a worker silent for half of it is dead (its job runs elsewhere),
+STALLED_SECONDS = LIVENESS_SECONDS / 2  # and `status` calls a process dead once its heartbeat (every 1 s) is
+HEARTBEAT_LIMIT = LIVENESS_SECONDS  # older than liveness_seconds
 
 
 def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_path, dicom_dir, postgresql, record):
     files = chest_copies([dicom_dir / s for s in SOURCES], INSTANCES, tmp_path / "images", size=512)
     by_uid = dict(zip(uids(files), files))
     database = "scale_out"
-    queue = {"backend": "postgresql", "dsn": postgresql.create_database(database), "stalled_seconds": STALLED_SECONDS}
+    queue = {"backend": "postgresql", "dsn": postgresql.create_database(database)}
     pacs = Orthanc(tmp_path / "orthanc").start()
-    receivers = [Node(tmp_path / f"receiver{i}", role="receiver", queue=queue).start() for i in range(2)]
+    receivers = [Node(tmp_path / f"receiver{i}", role="receiver", queue=queue,
+                      processing={"liveness_seconds": LIVENESS_SECONDS}).start() for i in range(2)]
     workers = [Node(tmp_path / f"worker{i}", destinations=[("pacs", pacs)], role="worker", queue=queue,
-                    processing={"stable_seconds": 0, "onnx_threads": 1}).start() for i in range(3)]
+                    processing={"stable_seconds": 0, "onnx_threads": 1, "liveness_seconds": LIVENESS_SECONDS}).start()
+               for i in range(3)]
     accepted: set[str] = set()
     refused: list[str] = []  # statuses other than success (0xA700 while the database restarts)
     lock = threading.Lock()
@@ -93,7 +96,7 @@ def test_receivers_and_workers_on_one_database_lose_and_duplicate_nothing(tmp_pa
            expected="every image: one SEG + one SR", sent=INSTANCES, accepted=len(accepted),
            delivered=INSTANCES - lost, lost=lost, duplicated=duplicated,
            observed=f"all delivered in {elapsed:.0f} s; the dead worker's job ran again after {requeued_s:.1f} s "
-                    f"(stalled_seconds {STALLED_SECONDS}); C-STOREs answered {sorted(set(refused))} x{len(refused)} "
+                    f"(liveness_seconds {LIVENESS_SECONDS}); C-STOREs answered {sorted(set(refused))} x{len(refused)} "
                     "during the restart, sent again")
     assert mid_inference and len(accepted) == INSTANCES and states == {"done": str(INSTANCES)}
     assert (lost, duplicated) == (0, 0) and stored == {"SEG": INSTANCES, "SR": INSTANCES}
@@ -124,3 +127,57 @@ def test_one_node_on_postgresql_receives_analyses_and_sends(tmp_path, dicom_dir,
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_a_worker_killed_holding_the_same_instance_max_attempts_times_fails_it_and_the_rest_are_delivered(
+        tmp_path, dicom_dir, postgresql, record):
+    """The cluster's poison image: each worker that analyses it is SIGKILLed (as a crash or the OOM killer
+    would end it). The third death leaves it `failed` with why, in `status` and `/metrics`; the other
+    instances are delivered meanwhile."""
+    import psycopg
+
+    poison, *others = chest_copies([dicom_dir / SOURCES[0]], 5, tmp_path / "images", per_study=1)
+    poison_uid, *other_uids = uids([poison, *others])
+    database = "poison"
+    dsn = postgresql.create_database(database)
+    queue = {"backend": "postgresql", "dsn": dsn}
+    processing = {"stable_seconds": 0, "onnx_threads": 1, "liveness_seconds": LIVENESS_SECONDS, "max_attempts": 3}
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    receiver = Node(tmp_path / "receiver", role="receiver", queue=queue,
+                    processing={"liveness_seconds": LIVENESS_SECONDS}).start()
+    workers = [Node(tmp_path / f"worker{i}", destinations=[("pacs", pacs)], role="worker", queue=queue,
+                    processing=processing).start() for i in range(2)]
+    died = "worker died 3 times while analysing it"
+    claimers = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            def claimed_by() -> str | None:  # the process analysing the poison image now, if a new one
+                row = db.execute("SELECT claimed_by FROM instances WHERE sop_uid = %s AND state = 'processing'",
+                                 (poison_uid,)).fetchone()
+                return row[0] if row and row[0] not in claimers else None
+            assert dcmsend(receiver.port, [poison, *others]).returncode == 0
+            for _ in range(3):
+                claimers.append(wait_for(claimed_by, 120, 0.01, "a worker analysing the poison image"))
+                victim = next(w for w in workers if f":{w.process.pid}:" in claimers[-1])
+                victim.kill()
+                victim.start()
+            wait_for(lambda: db.execute("SELECT state FROM instances WHERE sop_uid = %s",
+                                        (poison_uid,)).fetchone()[0] == "failed", 120, 0.5, "the poison image failed")
+        wait_for(lambda: delivery(pacs, other_uids) == (0, 0), 300, 2, "the other instances delivered")
+        failed = workers[0].status(poison_uid)
+        wait_for(lambda: any('cxr_instances{state="failed"} 1.0' in w.metrics() for w in workers), 30,
+                 what="/metrics counting the failed instance")
+        deaths = sum(float(line.split()[-1]) for w in workers for line in w.metrics().splitlines()
+                     if line.startswith("cxr_jobs_failed_after_worker_deaths_total "))
+    finally:
+        for node in (receiver, *workers):
+            node.stop()
+        pacs.stop()
+    record("faults", case="PostgreSQL queue, 2 workers: each worker analysing the same image SIGKILLed, 3 times "
+                          "(max_attempts 3), 4 other images sent with it",
+           expected=f"failed '{died}' in status and /metrics; the others delivered",
+           observed=f"{failed['state']}: {failed['reason']} after {failed['attempts']} attempts; "
+                    f"failed-after-deaths counter {deaths:g}; the 4 others delivered",
+           sent=5, accepted=5, delivered=4, lost=0, duplicated=0)
+    assert (failed["state"], failed["reason"], failed["attempts"]) == ("failed", died, 3)
+    assert len(set(claimers)) == 3 and deaths == 1

@@ -328,6 +328,10 @@ class Queue:
         self._transaction(lambda db: db.execute("UPDATE processes SET heartbeat_at = ? WHERE process_id = ?",
                                                 (time.time(), process_id)))
 
+    def forget(self, host: str, pid: int) -> None:
+        """A process known to be gone (its parent saw it exit): no longer listed."""
+        self._transaction(lambda db: db.execute("DELETE FROM processes WHERE host = ? AND pid = ?", (host, pid)))
+
     def unregister(self, process_id: str) -> None:
         self._transaction(lambda db: db.execute("DELETE FROM processes WHERE process_id = ?", (process_id,)))
 

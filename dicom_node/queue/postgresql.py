@@ -2,8 +2,8 @@
 
 Received instances and results (until sent) are kept in the `files` table (bytea), in the same
 database and transaction as their rows: nothing else has to be shared, backed up or replicated,
-and a host's loss loses nothing that was acknowledged. Jobs are run by procrastinate
-(dicom_node/tasks.py), whose tables this schema also creates.
+and a host's loss loses nothing that was acknowledged. Jobs are run by the cluster engine
+(dicom_node/engines/cluster.py), which keeps procrastinate's tables in the same database.
 """
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import psycopg
-from procrastinate.schema import SchemaManager
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from dicom_node.queue.base import TABLES, Queue
 from dicom_node.queue.jobs import QueueUnavailable, SchemaTooNew
 
-# cxr_node_schema.version. 1: the SQLite tables, files, and procrastinate's schema; 2: when a result's last
+# cxr_node_schema.version. 1: the SQLite tables and files; 2: when a result's last
 # error happened; 3: the patients' films (a new table: TABLES creates it).
 SCHEMA_VERSION = 3
 MIGRATIONS = {  # version reached -> statements that bring the version before it there
@@ -73,8 +72,6 @@ class PostgresQueue(Queue):
                 if MIGRATIONS[target]:
                     db.cursor.execute(MIGRATIONS[target])
             db.cursor.execute(TABLES + OWN_TABLES)
-            if not db.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL present").fetchone()["present"]:
-                db.cursor.execute(SchemaManager.get_schema())
             db.execute("DELETE FROM cxr_node_schema")
             db.execute("INSERT INTO cxr_node_schema VALUES (?)", (SCHEMA_VERSION,))
         self._transaction(statements)
@@ -119,12 +116,9 @@ class PostgresQueue(Queue):
     def _delete(self, paths: list[str]) -> None:
         self._transaction(lambda db: db.execute("DELETE FROM files WHERE key = ANY(?)", (list(paths),)))
 
-    def queued_without_job(self) -> list[str]:
-        """Queued instances procrastinate holds no waiting or running job for (`cxr-node retry`, a job
-        put back after the disk filled up): what the promotion defers again."""
-        return [row["sop_uid"] for row in self._query(
-            "SELECT sop_uid FROM instances i WHERE state = 'queued' AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j"
-            " WHERE j.queueing_lock = 'analyse:' || i.sop_uid AND j.status IN ('todo', 'doing')) LIMIT 1000")]
+    def query(self, sql: str, args=()) -> list[dict]:
+        """A read on the queue's database, for the cluster engine (which joins procrastinate's tables)."""
+        return self._query(sql, args)
 
     def close(self) -> None:
         self.pool.close()
