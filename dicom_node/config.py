@@ -59,6 +59,7 @@ class DicomWebEndpoint:
     tokens: frozenset = field(default_factory=frozenset, repr=False)
     certificate: Path | None = None
     private_key: Path | None = None
+    max_request_bytes: int = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class _DicomWeb(_Section):
     tokens_file: str
     tls_certificate: str
     tls_private_key: str
+    max_request_mb: int = Field(ge=1, le=4096)
 
 
 class _Settings(_Section):
@@ -382,7 +384,8 @@ def _dicomweb(section: _DicomWeb, base_dir: Path) -> DicomWebEndpoint | None:
     if section.bind not in ("127.0.0.1", "::1", "localhost") and not (certificate and (users or tokens)):
         raise ConfigError(f"dicomweb.bind: {section.bind} is not loopback: TLS (tls_certificate, tls_private_key) "
                           "and authentication (users_file or tokens_file) are needed")
-    return DicomWebEndpoint(section.bind, section.port, users, tokens, certificate, private_key)
+    return DicomWebEndpoint(section.bind, section.port, users, tokens, certificate, private_key,
+                            section.max_request_mb * 2**20)
 
 
 def load_config(path: Path | None = None, base_dir: Path | None = None) -> Config:

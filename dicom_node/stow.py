@@ -145,11 +145,20 @@ class StowServer:
             async for _ in request.stream():  # read and drop the body: a client still sending it would see a reset
                 pass
             return PlainTextResponse("authentication required\n", 401, headers=self._challenge())
+        limit, declared = self.endpoint.max_request_bytes, request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before a byte of it is read
+            return self._too_large(address, int(declared))
+        chunks, size = [], 0
         try:
-            body = await request.body()
+            async for chunk in request.stream():  # chunked, or longer than it said: counted as it arrives
+                size += len(chunk)
+                if size > limit:
+                    return self._too_large(address, size)
+                chunks.append(chunk)
         except ClientDisconnect:  # the sender gave up mid-upload: nothing of it is kept, nobody to answer
             log("STOW-RS request ended by the client before its body was complete", 30, address=address)
             return Response(status_code=400)
+        body = b"".join(chunks)
         source = f"STOW-RS:{user}" if user else "STOW-RS"
         study = request.path_params.get("study", "")
         try:
@@ -161,6 +170,13 @@ class StowServer:
             return PlainTextResponse(f"{error}\n", 400)
         status, answer = store_answer(results)
         return Response(json.dumps(answer), status, media_type=DICOM_JSON)
+
+    def _too_large(self, address: str, size: int) -> Response:
+        mb = self.endpoint.max_request_bytes // 2**20
+        log("STOW-RS request refused: larger than dicomweb.max_request_mb", 30, address=address,
+            bytes_at_least=size, max_request_mb=mb)
+        return PlainTextResponse(f"request larger than {mb} MB (dicomweb.max_request_mb): send fewer instances "
+                                 "per request\n", 413)
 
     def _authenticate(self, authorization: str) -> str | None:
         """The user's name ("" where no users or tokens are configured: loopback only), None when refused."""

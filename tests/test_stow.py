@@ -250,6 +250,26 @@ def test_below_the_disk_watermark_every_part_gets_out_of_resources(dicom_dir, tm
         node.stop()
 
 
+def test_a_request_over_max_request_mb_gets_413_and_nothing_is_kept(dicom_dir, tmp_path):
+    """The body is held in memory, so its size is bounded: refused on its Content-Length before it is read,
+    and a chunked one (no length) once it passes the limit; a request under it is stored."""
+    node = StowNode(tmp_path / "node", {"max_request_mb": 1}).start()
+    image = chest_copies([dicom_dir / CHEST], 1, tmp_path / "images")[0]
+    oversized = multipart(image.read_bytes(), b"\0" * 2**20)
+    try:
+        status, _, answer = post(node.url + "/studies", oversized)
+        assert status == 413 and b"dicomweb.max_request_mb" in answer, (status, answer)
+        chunked = requests.post(node.url + "/studies", data=iter([oversized[i:i + 65536] for i in
+                                                                  range(0, len(oversized), 65536)]),
+                                headers={"Content-Type": DICOM_PARTS}, timeout=60)
+        assert chunked.status_code == 413 and "Content-Length" not in chunked.request.headers
+        assert node.instance(uid_of(image)) is None
+        status, _, answer = post(node.url + "/studies", multipart(image.read_bytes()))
+        assert len(image.read_bytes()) < 2**20 and (status, stored(answer)) == (200, [uid_of(image)])
+    finally:
+        node.stop()
+
+
 def test_a_non_loopback_bind_without_tls_and_users_exits_2_naming_the_key(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n[dicomweb]\nport = {free_port()}\nbind = "0.0.0.0"\n')
