@@ -18,6 +18,20 @@ def cmd_serve(args) -> int:
     return serve(_config(args), args.role)
 
 
+# Keys whose epoch seconds `status` prints as local ISO 8601 times with their UTC offset.
+TIME_KEYS = {"at", "next_attempt_at", "received_at", "updated_at", "last_error_at", "created_at", "sent_at"}
+
+
+def readable_times(value):
+    from datetime import datetime
+
+    if isinstance(value, dict):
+        return {key: datetime.fromtimestamp(item).astimezone().isoformat(timespec="seconds")
+                if key in TIME_KEYS and isinstance(item, (int, float)) else readable_times(item)
+                for key, item in value.items()}
+    return [readable_times(item) for item in value] if isinstance(value, list) else value
+
+
 def cmd_status(args) -> int:
     import json
     from collections import Counter
@@ -42,7 +56,7 @@ def cmd_status(args) -> int:
         results = queue.results_of(args.uid)  # 'done' is the analysis; these say what became of its results
         report = {**asdict(job), "delivery": dict(Counter(str(r.state) for r in results)),
                   "results": [asdict(r) for r in results]}
-    print(json.dumps(report, indent=1, default=str))
+    print(json.dumps(readable_times(report), indent=1, default=str))
     return 0
 
 

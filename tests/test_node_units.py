@@ -1,4 +1,5 @@
 """Configuration, queue states and the systemd unit."""
+import json
 import re
 import shutil
 import subprocess
@@ -366,6 +367,30 @@ def test_status_lists_the_processes_and_the_jobs_they_hold(make_queue, tmp_path)
     assert [p["verdict"] for p in queue.processes(0.5)] == ["dead"]
     queue.register("h:12:1", "h", 12, "worker", "0.4.0", 0.05)  # dead for 10 periods: forgotten
     assert [p["pid"] for p in queue.processes(60)] == [12]
+    queue.forget("h", 12)  # its parent saw it exit
+    assert queue.processes(60) == []
+
+
+def test_status_prints_times_as_local_iso_8601_with_their_offset(tmp_path):
+    from datetime import datetime
+
+    from dicom_node.spool import Spool
+
+    (tmp_path / "site.toml").write_text(f'[storage]\nstate_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "state").mkdir()
+    queue = Queue(tmp_path / "state" / "queue.sqlite3", Spool(tmp_path / "state"))
+    queue.record_received("1.2.3", "9", "8", "c", "AE", tmp_path / "a.dcm", state="queued")
+    queue.fail("1.2.3", "unusable image: test")
+    queue.close()
+
+    def status(*args) -> dict:
+        result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", *args, "--config",
+                                 str(tmp_path / "site.toml")], capture_output=True, text=True, cwd=REPO, timeout=60)
+        return json.loads(result.stdout)
+    times = [status()["last_errors"][0]["at"], status("--uid", "1.2.3")["received_at"]]
+    for text in times:
+        parsed = datetime.fromisoformat(text)
+        assert parsed.utcoffset() is not None and abs(parsed.timestamp() - time.time()) < 60, text
 
 
 def test_a_queue_that_cannot_be_written_refuses_with_out_of_resources_and_keeps_nothing(tmp_path, dicom_dir):
