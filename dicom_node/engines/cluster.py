@@ -20,8 +20,8 @@ from pathlib import Path
 import procrastinate
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
-from procrastinate.schema import SchemaManager
 from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.schema import SchemaManager
 from procrastinate.worker import Worker as Engine
 
 from dicom_node.config import Config
