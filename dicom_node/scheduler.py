@@ -37,14 +37,15 @@ def refresh_gauges(config: Config, queue: Queue, spool: Spool, queue_counts: boo
     FREE_MB.set(spool.free_mb())
     MIN_FREE_MB.set(config.min_free_mb)
     try:
-        counts = queue.counts()
-        processes = queue.processes(config.liveness_seconds) if queue_counts else []
+        if not queue_counts:
+            queue.known("")  # one primary-key read: reachable or not, without counting the whole queue
+            QUEUE_REACHABLE.set(1)
+            return
+        counts, processes = queue.counts(), queue.processes(config.liveness_seconds)
     except QueueUnavailable:
         QUEUE_REACHABLE.set(0)
         raise  # the loop's failure: logged with its cause, retried with backoff
     QUEUE_REACHABLE.set(1)
-    if not queue_counts:
-        return
     for state, n in counts["instances"].items():
         INSTANCES.labels(state).set(n)
     for state, n in counts["results"].items():
